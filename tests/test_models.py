@@ -124,3 +124,14 @@ def test_get_preset_overrides_and_unknown_name():
         get_preset("llama-70b")
     with pytest.raises(ConfigError, match="num_query_groups"):
         dataclasses.replace(PRESETS["tiny-mistral-v0.1"], num_query_groups=3)
+
+
+def test_context_parallel_needs_transformer_engine():
+    from clinmega.config import PrecisionConfig
+    from clinmega.models import transformer_config
+    from clinmega.models.spec import resolve_transformer_impl
+
+    if resolve_transformer_impl("auto") == "local":
+        with pytest.raises(ConfigError, match="parallel.context_parallel"):
+            transformer_config(PRESETS["tiny-mistral-v0.1"], ParallelConfig(context_parallel=2),
+                               PrecisionConfig("fp32"))
