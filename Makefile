@@ -1,9 +1,12 @@
 # The two entry points of the README: `make demo` (the whole pipeline on a tiny model, on CPU)
 # and `make test`. Both create and reuse the virtual environment .venv at the repository root.
 SHELL := /bin/bash
-PYTHON312 ?= $(firstword $(shell command -v python3.12 2>/dev/null) \
-                         $(wildcard $(shell pyenv root 2>/dev/null)/versions/3.12*/bin/python3.12) \
-                         $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12))
+# The first Python 3.12 that really runs (a pyenv shim for a version that is not selected fails).
+PYTHON312 ?= $(shell for p in $$(ls -d $$(pyenv root 2>/dev/null)/versions/3.12*/bin/python3.12 \
+                                     $(HOME)/.pyenv/versions/3.12*/bin/python3.12 2>/dev/null) \
+                              $$(command -v python3.12); do \
+                 "$$p" -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null \
+                 && echo "$$p" && break; done)
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
