@@ -1,0 +1,1 @@
+"""clinmega: continuous pretraining, instruct tuning and evaluation of Mistral/Mixtral on megatron-core."""
