@@ -1,0 +1,112 @@
+"""``clinmega eval``: benchmarks x strategies on one model, written to JSON, Markdown and a PNG chart.
+
+Example::
+
+    clinmega eval runs/export-hf --backend hf --benchmarks medqa_4options,medmcqa,pubmedqa,mmlu_clinical \\
+        --data-dir data/benchmarks --strategies zero_shot,few_shot,cot,medprompt --out runs/eval
+
+Without ``--data-dir`` the shipped SYNTHETIC set is used (tests, demo). ``--limit`` takes the first N
+items of each benchmark.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from clinmega.evaluation.benchmarks import expand_benchmark_names, load_benchmark
+from clinmega.evaluation.report import write_report
+from clinmega.evaluation.scoring import run_strategy
+from clinmega.evaluation.strategies import PRESETS, parse_strategy
+
+
+def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("eval", help="evaluate a model on medical benchmarks with prompt strategies",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model_dir", type=Path, help="HF model folder (--backend hf) or Megatron checkpoint (megatron)")
+    p.add_argument("--backend", choices=("hf", "megatron"), default="hf")
+    p.add_argument("--benchmarks", default="medqa_4options,medmcqa,pubmedqa,mmlu_clinical",
+                   help="comma-separated benchmark names or groups (mmlu_clinical)")
+    p.add_argument("--data-dir", type=Path, default=None,
+                   help="folder with <benchmark>/ sub-folders (default: the built-in synthetic set)")
+    p.add_argument("--strategies", default="zero_shot",
+                   help=f"comma-separated; presets {', '.join(PRESETS)}; compose with '+'")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--limit", type=int, default=None, help="first N items per benchmark")
+    p.add_argument("--shots", type=int, default=None, help="override the number of few-shot exemplars")
+    p.add_argument("--samples", type=int, default=None, help="override self-consistency paths")
+    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--seed", type=int, default=1234, help="exemplar/permutation/sampling/bootstrap seed")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--medmcqa-cop-base", type=int, choices=(0, 1), default=None,
+                   help="MedMCQA 'cop' base when a file cannot tell (0: HF export, 1: GitHub release)")
+    p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for the 95%% CI")
+    p.set_defaults(func=run)
+    return p
+
+
+def build_backend(args: argparse.Namespace):
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.backend == "hf":
+        from clinmega.evaluation.backends.hf import HFBackend
+
+        return HFBackend.from_pretrained(args.model_dir, dtype=args.dtype, device=device, batch_size=args.batch_size)
+    from clinmega.evaluation.backends.megatron import MegatronBackend
+
+    return MegatronBackend.from_checkpoint(args.model_dir, dtype=args.dtype, device=device,
+                                           batch_size=args.batch_size)
+
+
+def strategies_from(args: argparse.Namespace):
+    from dataclasses import replace
+
+    out = []
+    for spec in filter(None, (s.strip() for s in args.strategies.split(","))):
+        s = replace(parse_strategy(spec), seed=args.seed)
+        overrides = {k: v for k, v in (("shots", args.shots if s.shots else None), ("samples", args.samples if s.samples > 1 else None),
+                                       ("max_new_tokens", args.max_new_tokens), ("temperature", args.temperature))
+                     if v is not None}
+        out.append(replace(s, **overrides))
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    benchmarks = expand_benchmark_names([b.strip() for b in args.benchmarks.split(",") if b.strip()])
+    strategies = strategies_from(args)
+    data = {}
+    for name in benchmarks:  # load everything first: format errors surface before the model loads
+        test = load_benchmark(name, args.data_dir, "test", cop_base=args.medmcqa_cop_base)[: args.limit]
+        needs_train = any(s.shots for s in strategies)
+        train = load_benchmark(name, args.data_dir, "train", cop_base=args.medmcqa_cop_base) if needs_train else []
+        data[name] = (test, train)
+    backend = build_backend(args)
+    results, timings = [], {}
+    for name, (test, train) in data.items():
+        for strategy in strategies:
+            start = time.perf_counter()
+            results += run_strategy(backend, test, train, strategy, log=lambda m: print(f"[{name}] {m}", flush=True))
+            timings[f"{name}/{strategy.name}"] = round(time.perf_counter() - start, 3)
+    meta = {"model": str(args.model_dir), "backend": args.backend, "data_dir": str(args.data_dir or "synthetic"),
+            "benchmarks": benchmarks, "strategies": [s.__dict__ for s in strategies], "seconds": timings}
+    paths = write_report(args.out, results, meta, n_resamples=args.bootstrap, seed=args.seed)
+    print(paths["markdown"].read_text(), end="")
+    print(f"wrote {', '.join(str(p) for p in paths.values())}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Stand-alone entry (the project CLI calls `register`)."""
+    parser = argparse.ArgumentParser(prog="clinmega")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
