@@ -141,8 +141,7 @@ CLAIMS = [
      ["In this synthetic observational study of {n} patients, admissions were 12% lower with {x}.",
       "The confidence interval was wide and crossed no effect; confounding could not be excluded."], "maybe"),
 ]
-DRUGS = ["drug A-101", "compound B-202", "agent C-303", "therapy D-404", "regimen E-505", "molecule F-606",
-         "infusion G-707", "tablet H-808", "vaccine I-909", "programme J-010"]
+DRUG_KINDS = ("drug", "compound", "agent", "therapy", "regimen", "tablet")
 
 
 def _facts(seed: int) -> list[tuple[str, str, tuple[str, ...], str]]:
@@ -198,8 +197,9 @@ def _pubmedqa(seed: int) -> dict[str, str]:
     for split, count in (("test", N_TEST), ("train", N_TRAIN)):
         records = {}
         for i in range(count):
-            question, contexts, decision = CLAIMS[(i + len(split)) % len(CLAIMS)]
-            drug, n = DRUGS[i % len(DRUGS)], rng.randint(80, 900)
+            question, contexts, decision = CLAIMS[i % len(CLAIMS)]
+            k = i + (N_TEST if split == "train" else 0)  # distinct interventions in test and train
+            drug, n = f"{DRUG_KINDS[k % len(DRUG_KINDS)]} {LETTERS[k % 26]}-{101 + 37 * k}", rng.randint(80, 900)
             records[f"SYNTHETIC-{split}-{i:04d}"] = {
                 "QUESTION": question.format(x=drug), "CONTEXTS": [c.format(x=drug, n=n) for c in contexts],
                 "LABELS": ["METHODS", "RESULTS"], "MESHES": ["Synthetic Data"], "YEAR": "2026",
