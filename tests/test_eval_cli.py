@@ -1,0 +1,57 @@
+"""`clinmega eval` end to end on a tiny HF model and the synthetic set; report contents."""
+
+import argparse
+import json
+
+import pytest
+
+from eval_fixtures import tiny_hf_model_dir
+from clinmega.evaluation import cli
+from clinmega.evaluation.report import bootstrap_ci, markdown_table, summarize
+from clinmega.evaluation.scoring import ItemResult
+
+
+def test_register_adds_eval_subcommand():
+    parser = argparse.ArgumentParser()
+    cli.register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["eval", "m", "--out", "o", "--strategies", "cot,medprompt"])
+    assert args.func is cli.run and args.backend == "hf" and args.data_dir is None
+
+
+def test_eval_writes_json_markdown_and_chart(tmp_path):
+    out = tmp_path / "report"
+    rc = cli.main(["eval", str(tiny_hf_model_dir()), "--benchmarks", "medqa_4options,mmlu_anatomy",
+                   "--strategies", "zero_shot,knn_few_shot+choice_shuffle,cot", "--limit", "4",
+                   "--max-new-tokens", "4", "--out", str(out), "--bootstrap", "200"])
+    assert rc == 0
+    data = json.loads((out / "results.json").read_text())
+    assert len(data["items"]) == 2 * 3 * 4
+    assert {(r["benchmark"], r["strategy"]) for r in data["summary"]} == {
+        (b, s) for b in ("medqa_4options", "mmlu_anatomy") for s in ("zero_shot", "knn_few_shot+choice_shuffle", "cot")}
+    for row in data["summary"]:
+        low, high = row["acc"]["ci95"]
+        assert row["n"] == 4 and low <= row["acc"]["value"] <= high
+    shuffled = [i for i in data["items"] if i["strategy"] == "knn_few_shot+choice_shuffle"]
+    assert all(len(i["votes"]) == 5 and len(i["exemplars"]) == 5 for i in shuffled)
+    table = (out / "results.md").read_text().splitlines()
+    assert table[0].startswith("| benchmark | strategy |") and len(table) == 2 + 6
+    assert (out / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(out.glob(".*tmp"))
+
+
+def test_bad_inputs_fail_before_loading_a_model(tmp_path):
+    with pytest.raises(ValueError, match="unknown benchmark"):
+        cli.main(["eval", str(tmp_path), "--benchmarks", "nope", "--out", str(tmp_path)])
+    with pytest.raises(ValueError, match="unknown strategy"):
+        cli.main(["eval", str(tmp_path), "--strategies", "zero_shot+nope", "--out", str(tmp_path)])
+
+
+def test_bootstrap_and_summary():
+    correct = [True] * 30 + [False] * 70
+    low, high = bootstrap_ci(correct, n_resamples=4000, seed=1)
+    assert low < 0.3 < high and 0.19 < low < 0.23 and 0.37 < high < 0.41  # normal approx: 0.3 +- 0.09
+    assert bootstrap_ci(correct, seed=1) == bootstrap_ci(correct, seed=1) != bootstrap_ci(correct, seed=2)
+    results = [ItemResult("b", "s", str(k), 0, 0 if k < 3 else None, k < 3) for k in range(4)]
+    [row] = summarize(results, n_resamples=100)
+    assert row["acc"]["value"] == 0.75 and row["unanswered"] == 1 and "acc_norm" not in row
+    assert "| b | s | 4 | 0.750 |" in markdown_table([row])
