@@ -61,8 +61,9 @@ class TokenBackend(ABC):
         """Logits [B, T, V] of a right-padded batch (row b holds ``lengths[b]`` real tokens)."""
 
     @abstractmethod
-    def _prefill(self, prompts: list[list[int]], max_new_tokens: int) -> tuple[torch.Tensor, Any]:
-        """Run the prompts, return last-position logits [B, V] and a decoding state."""
+    def _prefill(self, prompts: list[list[int]], max_new_tokens: int) -> tuple[torch.Tensor, Any, list[list[int]]]:
+        """Run the prompts; return logits [B, V] for each row's next position, a decoding state, and per
+        row the prompt tokens not consumed yet (the loop feeds them one per step before sampling)."""
 
     @abstractmethod
     def _decode(self, state: Any, tokens: torch.Tensor) -> tuple[torch.Tensor, Any]:
@@ -121,21 +122,29 @@ class TokenBackend(ABC):
 
     def _generate_batch(self, prompts: list[list[int]], max_new_tokens: int, temperature: float, top_p: float,
                         generators: list[torch.Generator], stop: Sequence[str]) -> list[str]:
-        logits, state = self._prefill(prompts, max_new_tokens)
+        if max_new_tokens <= 0:
+            return [""] * len(prompts)
+        logits, state, pending = self._prefill(prompts, max_new_tokens)
+        pending = [list(p) for p in pending]
         generated: list[list[int]] = [[] for _ in prompts]
         done = [False] * len(prompts)
-        for step in range(max_new_tokens):
-            tokens = next_tokens(logits, temperature, top_p, generators)
-            for b, t in enumerate(tokens.tolist()):
-                if done[b]:
-                    continue
+        while True:
+            tokens = torch.full((len(prompts),), self.pad_id, dtype=torch.long)
+            active = [b for b in range(len(prompts)) if not pending[b] and not done[b]]
+            for b, rest in enumerate(pending):
+                if rest:  # prompt tokens the prefill did not consume are fed, not sampled
+                    tokens[b] = rest.pop(0)
+            picked = next_tokens(logits[active], temperature, top_p, [generators[b] for b in active]).tolist() \
+                if active else []
+            for b, t in zip(active, picked):
                 if t == self.eos_id:
                     done[b] = True
                     continue
                 generated[b].append(t)
-                if stop and any(s in self._decode_text(generated[b]) for s in stop):
+                tokens[b] = t
+                if len(generated[b]) >= max_new_tokens or (stop and any(s in self._decode_text(generated[b]) for s in stop)):
                     done[b] = True
-            if all(done) or step == max_new_tokens - 1:
+            if all(done):
                 break
             logits, state = self._decode(state, tokens)
         return [_cut_at_stop(self._decode_text(g), stop) for g in generated]

@@ -29,7 +29,7 @@ class HFBackend(TokenBackend):
         mask = (torch.arange(tokens.shape[1])[None, :] < torch.tensor(lengths)[:, None]).long()
         return self.model(input_ids=tokens.to(self.device), attention_mask=mask.to(self.device)).logits.cpu()
 
-    def _prefill(self, prompts: list[list[int]], max_new_tokens: int) -> tuple[torch.Tensor, Any]:
+    def _prefill(self, prompts: list[list[int]], max_new_tokens: int) -> tuple[torch.Tensor, Any, list[list[int]]]:
         width = max(len(p) for p in prompts)
         tokens = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(prompts), width), dtype=torch.long)
@@ -39,7 +39,7 @@ class HFBackend(TokenBackend):
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         tokens, mask, positions = tokens.to(self.device), mask.to(self.device), positions.to(self.device)
         out = self.model(input_ids=tokens, attention_mask=mask, position_ids=positions, use_cache=True)
-        return out.logits[:, -1].float().cpu(), (out.past_key_values, mask, positions[:, -1:])
+        return out.logits[:, -1].float().cpu(), (out.past_key_values, mask, positions[:, -1:]), [[] for _ in prompts]
 
     def _decode(self, state: Any, tokens: torch.Tensor) -> tuple[torch.Tensor, Any]:
         cache, mask, last_position = state
