@@ -26,6 +26,10 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model_dir", type=Path, help="HF model folder (--backend hf) or Megatron checkpoint (megatron)")
     p.add_argument("--backend", choices=("hf", "megatron"), default="hf")
+    p.add_argument("--model-config", type=Path, default=None,
+                   help="megatron: HF config.json (or its folder) describing the checkpoint (default: model_dir)")
+    p.add_argument("--tokenizer", type=Path, default=None,
+                   help="megatron: tokenizer folder for AutoTokenizer (default: model_dir)")
     p.add_argument("--benchmarks", default="medqa_4options,medmcqa,pubmedqa,mmlu_clinical",
                    help="comma-separated benchmark names or groups (mmlu_clinical)")
     p.add_argument("--data-dir", type=Path, default=None,
@@ -41,7 +45,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=1234, help="exemplar/permutation/sampling/bootstrap seed")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--device", default=None, help="hf backend: cpu or cuda (default: cuda when available)")
     p.add_argument("--medmcqa-cop-base", type=int, choices=(0, 1), default=None,
                    help="MedMCQA 'cop' base when a file cannot tell (0: HF export, 1: GitHub release)")
     p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for the 95%% CI")
@@ -59,8 +63,8 @@ def build_backend(args: argparse.Namespace):
         return HFBackend.from_pretrained(args.model_dir, dtype=args.dtype, device=device, batch_size=args.batch_size)
     from clinmega.evaluation.backends.megatron import MegatronBackend
 
-    return MegatronBackend.from_checkpoint(args.model_dir, dtype=args.dtype, device=device,
-                                           batch_size=args.batch_size)
+    return MegatronBackend.from_checkpoint(args.model_dir, model_config=args.model_config, tokenizer=args.tokenizer,
+                                           dtype=args.dtype, batch_size=args.batch_size)
 
 
 def strategies_from(args: argparse.Namespace):
