@@ -30,10 +30,19 @@ Accepted layouts (the format of a file is detected from its extension and the ke
 * **Normalized** (clinmega's own): ``{"id": str, "question": str, "options": [str], "answer": int,
   "context": str?, "explanation": str?}``.
 
-`load_benchmark(name, data_dir, split)` finds a benchmark's files by the name patterns in `BENCHMARKS`
-(several files are concatenated, e.g. the six MMLU subjects); without a ``data_dir`` it reads the
-synthetic set shipped in `clinmega/evaluation/synthetic/` (for tests and the demo only: not real
-benchmark items).
+`load_benchmark(name, data_dir, split)` reads every file of a split under ``<data_dir>/<directory>/``
+(patterns in `BENCHMARKS`; the layout of each file is detected, so any accepted layout works for any
+benchmark):
+
+    <data_dir>/medqa/*test*.jsonl, *train*.jsonl          (5 options, US)
+    <data_dir>/medqa_4options/*test*.jsonl, *train*.jsonl
+    <data_dir>/medmcqa/*dev*.json[l] (scored: the public test split has no answers), *train*.json[l]
+    <data_dir>/pubmedqa/*test*.json[l], *train*.json[l]
+    <data_dir>/mmlu/**/<subject>_test.csv, **/<subject>_dev.csv (few-shot pool), as in hendrycks' data.tar
+    <data_dir>/custom/*test*.json[l], *train*.json[l]     (e.g. an in-house set in the normalized layout)
+
+Without ``data_dir`` it reads the SYNTHETIC set shipped in `clinmega/evaluation/synthetic/` (same layout;
+for tests and the demo only: not real benchmark items).
 """
 
 from __future__ import annotations
@@ -101,6 +110,7 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {
         BenchmarkSpec("medmcqa", "medmcqa", ("*dev*.json*", "*validation*.json*"), ("*train*.json*",)),
         BenchmarkSpec("pubmedqa", "pubmedqa", ("*test*.json*",), ("*train*.json*",)),
         *(BenchmarkSpec(f"mmlu_{s}", "mmlu", (f"**/{s}_test.csv",), (f"**/{s}_dev.csv",)) for s in MMLU_CLINICAL),
+        BenchmarkSpec("custom", "custom", ("*test*.json*",), ("*train*.json*",)),  # your own set, any layout
     )
 }
 BENCHMARK_GROUPS = {"mmlu_clinical": tuple(f"mmlu_{s}" for s in MMLU_CLINICAL)}

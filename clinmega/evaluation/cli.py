@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from clinmega.evaluation.benchmarks import expand_benchmark_names, load_benchmark
 from clinmega.evaluation.report import write_report
 from clinmega.evaluation.scoring import run_strategy
-from clinmega.evaluation.strategies import PRESETS, parse_strategy
+from clinmega.evaluation.strategies import PRESETS, Strategy, parse_strategy
 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -67,16 +68,21 @@ def build_backend(args: argparse.Namespace):
                                            dtype=args.dtype, batch_size=args.batch_size)
 
 
-def strategies_from(args: argparse.Namespace):
-    from dataclasses import replace
-
+def strategies_from(args: argparse.Namespace) -> list[Strategy]:
+    """Parsed ``--strategies``, with the command-line overrides applied where they mean something."""
     out = []
     for spec in filter(None, (s.strip() for s in args.strategies.split(","))):
-        s = replace(parse_strategy(spec), seed=args.seed)
-        overrides = {k: v for k, v in (("shots", args.shots if s.shots else None), ("samples", args.samples if s.samples > 1 else None),
-                                       ("max_new_tokens", args.max_new_tokens), ("temperature", args.temperature))
-                     if v is not None}
-        out.append(replace(s, **overrides))
+        strategy = parse_strategy(spec)
+        overrides = {"seed": args.seed}
+        if args.shots is not None and strategy.shots:
+            overrides["shots"] = args.shots
+        if args.samples is not None and strategy.samples > 1:
+            overrides["samples"] = args.samples
+        if args.max_new_tokens is not None:
+            overrides["max_new_tokens"] = args.max_new_tokens
+        if args.temperature is not None:
+            overrides["temperature"] = args.temperature
+        out.append(replace(strategy, **overrides))
     return out
 
 

@@ -248,7 +248,7 @@ def synthetic_files() -> dict[str, str]:
         for split, text in _mmlu(subject, seed=10 + k).items():
             files[f"mmlu/synthetic/{subject}_{split}.csv"] = text
     for split, text in _normalized(seed=5).items():
-        files[f"normalized/synthetic_normalized_{split}.jsonl"] = text
+        files[f"custom/synthetic_normalized_{split}.jsonl"] = text
     return files
 
 
