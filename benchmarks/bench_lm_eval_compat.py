@@ -2,8 +2,10 @@
 
 Writes the synthetic test items of the chosen benchmarks to one JSON-lines file, registers a local
 lm-eval ``multiple_choice`` task whose Jinja template renders exactly `prompts.question_block` with
-letter choices and ``target_delimiter=" "``, scores the items with both tools (models loaded once, outside
-the timings), and checks that the per-item log-likelihoods agree and that ``acc`` is identical. Prints
+``target_delimiter=" "``, with letter choices (clinmega ``zero_shot``) and with option-text choices
+(``option_text``), scores the items with both tools (model loaded once, outside the timings), and checks
+that the prompts are identical, the per-item log-likelihoods agree, and ``acc`` and ``acc_norm`` are equal
+item by item. Prints
 the wall-time ratio clinmega / lm-eval, best of two runs each (lm-eval's time includes building its task
 from the file).
 
@@ -43,7 +45,7 @@ test_split: test
 output_type: multiple_choice
 doc_to_text: "{{% if context %}}Context: {{{{context}}}}\\n{{% endif %}}Question: {{{{question}}}}\\n\
 {{% for o in options %}}{{{{letters[loop.index0]}}}}. {{{{o}}}}\\n{{% endfor %}}Answer:"
-doc_to_choice: "{{{{letters}}}}"
+doc_to_choice: "{{{{{choices}}}}}"
 doc_to_target: answer
 target_delimiter: " "
 fewshot_delimiter: "\\n\\n"
@@ -81,42 +83,50 @@ def main() -> int:
     data.write_text("".join(json.dumps({"id": i.id, "question": i.question, "options": list(i.options),
                                         "answer": i.answer, "context": i.context or "",
                                         "letters": list(LETTERS[: len(i.options)])}) + "\n" for i in items))
-    (work / "task.yaml").write_text(TASK_YAML.format(task="clinmega_compat", data=data))
+    for target, choices in (("letter", "letters"), ("text", "options")):
+        (work / f"task_{target}.yaml").write_text(TASK_YAML.format(task=f"clinmega_compat_{target}", data=data,
+                                                                  choices=choices))
 
     backend = HFBackend.from_pretrained(args.model, batch_size=args.batch_size)
     lm = HFLM(pretrained=backend.model, tokenizer=backend.tokenizer, batch_size=args.batch_size, device="cpu")
-
-    def timed(fn):  # best of two runs: the second one is warm (datasets cache, allocator)
-        times, result = [], None
-        for _ in range(2):
-            start = time.perf_counter()
-            result = fn()
-            times.append(time.perf_counter() - start)
-        return result, min(times)
-
-    ours, t_ours = timed(lambda: run_strategy(backend, items, [], PRESETS["zero_shot"]))
-    out, t_theirs = timed(lambda: simple_evaluate(
-        model=lm, tasks=["clinmega_compat"], task_manager=TaskManager(include_path=str(work)), num_fewshot=0,
-        log_samples=True, bootstrap_iters=0, random_seed=0, numpy_random_seed=0, torch_random_seed=0,
-        fewshot_random_seed=0))
-
-    samples = sorted(out["samples"]["clinmega_compat"], key=lambda s: s["doc_id"])
-    assert len(samples) == len(items), (len(samples), len(items))
-    mismatched_prompts = sum(s["arguments"][0][0] != build_prompt(i) for s, i in zip(samples, items))
-    their_lls = [[float(r[0][0]) for r in s["resps"]] for s in samples]
-    max_diff = max(abs(a - b) for r, t in zip(ours, their_lls) for a, b in zip(r.outputs[0], t))
-    same_item_acc = sum(float(r.correct) == s["acc"] for r, s in zip(ours, samples))
-    acc_ours = sum(r.correct for r in ours) / len(ours)
-    acc_theirs = out["results"]["clinmega_compat"]["acc,none"]
+    manager = TaskManager(include_path=str(work))
     print(f"items: {len(items)} ({args.benchmarks}); model: {args.model}")
-    print(f"prompts differing from lm-eval's: {mismatched_prompts}")
-    print(f"max |loglikelihood difference|: {max_diff:.2e}")
-    print(f"per-item acc equal: {same_item_acc}/{len(items)}")
-    print(f"acc clinmega {acc_ours:.4f}  lm-eval {acc_theirs:.4f}")
-    print(f"wall time clinmega {t_ours:.2f} s, lm-eval {t_theirs:.2f} s, ratio clinmega/lm-eval {t_ours / t_theirs:.2f}")
-    ok = mismatched_prompts == 0 and same_item_acc == len(items) and abs(acc_ours - acc_theirs) < 1e-12
+    ok = True
+    for target, strategy in (("letter", PRESETS["zero_shot"]), ("text", PRESETS["option_text"])):
+        task = f"clinmega_compat_{target}"
+        ours, t_ours = timed(lambda: run_strategy(backend, items, [], strategy))
+        out, t_theirs = timed(lambda: simple_evaluate(
+            model=lm, tasks=[task], task_manager=manager, num_fewshot=0, log_samples=True, bootstrap_iters=0,
+            random_seed=0, numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0))
+        samples = sorted(out["samples"][task], key=lambda s: s["doc_id"])
+        assert len(samples) == len(items), (len(samples), len(items))
+        prompts_differ = sum(s["arguments"][0][0] != build_prompt(i) for s, i in zip(samples, items))
+        their_lls = [[float(r[0][0]) for r in s["resps"]] for s in samples]
+        max_diff = max(abs(a - b) for r, t in zip(ours, their_lls) for a, b in zip(r.outputs[0], t))
+        print(f"\n[{target} continuations] prompts differing from lm-eval's: {prompts_differ}; "
+              f"max |log-likelihood difference| {max_diff:.2e}")
+        for metric, pred in (("acc", "pred"), ("acc_norm", "pred_norm")):
+            same = sum(float(getattr(r, pred) == r.answer) == s[metric] for r, s in zip(ours, samples))
+            value_ours = sum(getattr(r, pred) == r.answer for r in ours) / len(ours)
+            value_theirs = out["results"][task][f"{metric},none"]
+            print(f"  {metric}: clinmega {value_ours:.4f}  lm-eval {value_theirs:.4f}  "
+                  f"per-item equal {same}/{len(items)}")
+            ok &= same == len(items) and abs(value_ours - value_theirs) < 1e-12
+        ok &= prompts_differ == 0
+        print(f"  wall time clinmega {t_ours:.2f} s, lm-eval {t_theirs:.2f} s, "
+              f"ratio clinmega/lm-eval {t_ours / t_theirs:.2f}")
     print("COMPATIBLE" if ok else "MISMATCH")
     return 0 if ok else 1
+
+
+def timed(fn):
+    """Result and best wall time of two runs (the second is warm: datasets cache, allocator)."""
+    times, result = [], None
+    for _ in range(2):
+        start = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - start)
+    return result, min(times)
 
 
 if __name__ == "__main__":

@@ -58,6 +58,20 @@ def test_zero_shot_accuracy_equals_reference(backend):
     assert len(set(expected)) > 1  # the tiny model's choices really depend on the prompt
 
 
+def test_option_text_scoring_acc_and_acc_norm_equal_reference(backend):
+    items = load_benchmark("pubmedqa")[:4] + load_benchmark("medqa")[:6]
+    results = run_strategy(backend, items, [], PRESETS["option_text"])
+    for item, r in zip(items, results):
+        prompt = build_prompt(item, target="text")
+        lls = [reference_loglikelihood(backend.model, backend.tokenizer, prompt, c)
+               for c in choice_continuations(item, "text")]
+        assert r.outputs[0] == pytest.approx(lls, abs=1e-4)
+        assert r.pred == max(range(len(lls)), key=lls.__getitem__)
+        normed = [ll / len(option) for ll, option in zip(lls, item.options)]
+        assert r.pred_norm == max(range(len(lls)), key=normed.__getitem__)
+    assert any(r.pred != r.pred_norm for r in results)  # length normalisation really changes choices
+
+
 def plain_greedy(model, ids, n):
     x = torch.tensor([ids])
     with torch.no_grad():

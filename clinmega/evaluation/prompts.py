@@ -39,8 +39,11 @@ def question_block(item: Item) -> str:
     return "\n".join(lines)
 
 
-def choice_continuations(item: Item) -> list[str]:
-    """What log-likelihood scoring appends to the prompt, one per option: ``" A"``, ``" B"``, ..."""
+def choice_continuations(item: Item, target: str = "letter") -> list[str]:
+    """What log-likelihood scoring appends to the prompt, one per option: ``" A"``, ``" B"``, ... or, with
+    ``target="text"``, the option texts (``" yes"``, ``" no"``, ``" maybe"``, as lm-eval's pubmedqa)."""
+    if target == "text":
+        return [f"{TARGET_DELIMITER}{option}" for option in item.options]
     return [f"{TARGET_DELIMITER}{LETTERS[i]}" for i in range(len(item.options))]
 
 
@@ -48,13 +51,14 @@ def cot_answer(rationale: str, answer: int) -> str:
     return f"{COT_TRIGGER} {rationale.strip()} {ANSWER_PHRASE.format(letter=LETTERS[answer])}"
 
 
-def build_prompt(item: Item, exemplars: Sequence[Exemplar] = (), cot: bool = False) -> str:
-    """The full prompt for ``item``; with ``cot`` the model is expected to reason before answering."""
+def build_prompt(item: Item, exemplars: Sequence[Exemplar] = (), cot: bool = False, target: str = "letter") -> str:
+    """The full prompt for ``item``; with ``cot`` the model is expected to reason before answering;
+    ``target`` is how exemplars state their answer (see `choice_continuations`)."""
     shots = []
     for ex in exemplars:
         if cot and not ex.rationale:
             raise ValueError(f"chain-of-thought exemplar {ex.item.id} has no rationale")
-        answer = cot_answer(ex.rationale, ex.item.answer) if cot else choice_continuations(ex.item)[ex.item.answer]
+        answer = cot_answer(ex.rationale, ex.item.answer) if cot else choice_continuations(ex.item, target)[ex.item.answer]
         shots.append(question_block(ex.item) + answer)
     head = [COT_INSTRUCTION] if cot else []
     return FEWSHOT_DELIMITER.join([*head, *shots, question_block(item) + (COT_TRIGGER if cot else "")])

@@ -7,7 +7,7 @@ option index and the votes are combined by `majority_vote`.
 Log-likelihood scoring (lm-eval's ``multiple_choice``): the choice of a variant is the argmax of the
 summed log-probabilities of the continuations (``acc``); ``pred_norm`` uses the log-likelihood divided by
 the character length of the choice string and ``pred_bytes`` by its UTF-8 byte length (lm-eval's
-``acc_norm`` and ``acc_bytes``; with letter continuations all three agree).
+``acc_norm`` and ``acc_bytes``; with letter continuations all three agree, with option texts they differ).
 """
 
 from __future__ import annotations
@@ -57,41 +57,45 @@ def argmax_predictions(lls: Sequence[float], choices: Sequence[str]) -> tuple[in
 
 def run_strategy(backend: Backend, items: Sequence[Item], train: Sequence[Item], strategy: Strategy,
                  log: Callable[[str], None] = lambda _: None) -> list[ItemResult]:
+    """Evaluate ``items`` with one strategy (exemplars from ``train``); one `ItemResult` per item, in order."""
     exemplars = select_exemplars(backend, items, train, strategy, log)
-    rng = random.Random(strategy.seed)
     variants = []  # (item index, order, prompt, permuted item)
     for n, item in enumerate(items):
+        rng = random.Random(f"{strategy.seed}:{item.benchmark}:{item.id}")  # per item: independent of --limit
         for order in option_orders(len(item.options), strategy.permutations, rng):
             shown = permute(item, order)
-            prompt = build_prompt(shown, exemplars[n], cot=strategy.cot)
+            prompt = build_prompt(shown, exemplars[n], cot=strategy.cot, target=strategy.target)
             variants += [(n, order, prompt, shown)] * strategy.samples
     log(f"{strategy.name}: {len(items)} items, {len(variants)} prompts ({strategy.scoring})")
     if strategy.scoring == "loglikelihood":
-        per_variant = _loglikelihood_choices(backend, variants)
+        per_variant = _loglikelihood_choices(backend, variants, strategy.target)
     else:
         per_variant = _generated_choices(backend, variants, strategy)
     results = [ItemResult(item.benchmark, strategy.name, item.id, item.answer, None, False,
                           exemplars=[e.item.id for e in exemplars[n]]) for n, item in enumerate(items)]
-    norm_votes: dict[int, list[tuple[int | None, int | None]]] = {}
+    norm_votes: list[list[int | None]] = [[] for _ in items]
+    bytes_votes: list[list[int | None]] = [[] for _ in items]
     for (n, order, _, _), (choice, choice_norm, choice_bytes, output) in zip(variants, per_variant):
-        back = lambda c: None if c is None else order[c]  # noqa: E731  position shown -> original option
-        results[n].votes.append(back(choice))
+        def original(c: int | None) -> int | None:  # position shown -> original option index
+            return None if c is None else order[c]
+
+        results[n].votes.append(original(choice))
         results[n].outputs.append(output)
         results[n].orders.append(list(order))
-        norm_votes.setdefault(n, []).append((back(choice_norm), back(choice_bytes)))
+        norm_votes[n].append(original(choice_norm))
+        bytes_votes[n].append(original(choice_bytes))
     for n, r in enumerate(results):
         r.pred = majority_vote(r.votes)
         r.correct = r.pred == r.answer
         if strategy.scoring == "loglikelihood":
-            r.pred_norm = majority_vote([v[0] for v in norm_votes[n]])
-            r.pred_bytes = majority_vote([v[1] for v in norm_votes[n]])
+            r.pred_norm, r.pred_bytes = majority_vote(norm_votes[n]), majority_vote(bytes_votes[n])
     return results
 
 
-def _loglikelihood_choices(backend: Backend, variants: list) -> list[tuple]:
+def _loglikelihood_choices(backend: Backend, variants: list, target: str) -> list[tuple]:
     requests, spans = [], []
     for _, _, prompt, shown in variants:
-        conts = choice_continuations(shown)
+        conts = choice_continuations(shown, target)
         spans.append((len(requests), conts))
         requests += [(prompt, c) for c in conts]
     lls = backend.loglikelihood(requests)

@@ -3,6 +3,8 @@
 A `Strategy` is a set of orthogonal knobs; presets name common combinations and ``+`` composes them
 (``"knn_few_shot+cot+choice_shuffle"`` equals the ``medprompt`` preset):
 
+* ``target``: log-likelihood scoring of the option letters (default) or of the option texts (then
+  ``acc_norm`` differs from ``acc``);
 * ``shots`` / ``selection``: few-shot exemplars from the train split, ``fixed`` (the first ones),
   ``random`` (seeded per item) or ``knn`` (nearest by TF-IDF cosine similarity, `TfidfIndex`);
 * ``cot``: chain of thought (generation); few-shot CoT exemplars use the item's explanation when the
@@ -31,6 +33,7 @@ from clinmega.evaluation.benchmarks import Item
 class Strategy:
     name: str = "zero_shot"
     scoring: Literal["loglikelihood", "generate"] = "loglikelihood"
+    target: Literal["letter", "text"] = "letter"  # log-likelihood of " A" or of " <option text>"
     shots: int = 0
     selection: Literal["fixed", "random", "knn"] = "fixed"
     cot: bool = False
@@ -44,6 +47,8 @@ class Strategy:
     def __post_init__(self) -> None:
         if self.cot and self.scoring != "generate":
             raise ValueError(f"strategy {self.name}: chain of thought needs scoring='generate'")
+        if self.target == "text" and self.scoring != "loglikelihood":
+            raise ValueError(f"strategy {self.name}: target='text' applies to log-likelihood scoring")
         if self.samples > 1 and self.scoring != "generate":
             raise ValueError(f"strategy {self.name}: self-consistency (samples>1) needs scoring='generate'")
         if self.shots < 0 or self.samples < 1 or self.permutations < 1:
@@ -56,6 +61,7 @@ class Strategy:
 
 PRESETS: dict[str, Strategy] = {
     "zero_shot": Strategy("zero_shot"),
+    "option_text": Strategy("option_text", target="text"),
     "few_shot": Strategy("few_shot", shots=5),
     "random_few_shot": Strategy("random_few_shot", shots=5, selection="random"),
     "knn_few_shot": Strategy("knn_few_shot", shots=5, selection="knn"),
