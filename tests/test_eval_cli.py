@@ -39,6 +39,31 @@ def test_eval_writes_json_markdown_and_chart(tmp_path):
     assert not list(out.glob(".*tmp"))
 
 
+def test_rerun_resumes_from_finished_parts(tmp_path, monkeypatch, capsys):
+    def command(limit):
+        return ["eval", str(tiny_hf_model_dir()), "--benchmarks", "pubmedqa", "--strategies", "zero_shot,option_text",
+                "--limit", str(limit), "--out", str(tmp_path), "--bootstrap", "50"]
+
+    args = command(3)
+    assert cli.main(args) == 0
+    first = json.loads((tmp_path / "results.json").read_text())
+    assert sorted(p.name for p in (tmp_path / "parts").iterdir()) == ["pubmedqa.option_text.json",
+                                                                       "pubmedqa.zero_shot.json"]
+
+    def no_model(_):
+        raise AssertionError("the model was loaded although every part was finished")
+
+    monkeypatch.setattr(cli, "build_backend", no_model)
+    capsys.readouterr()
+    assert cli.main(args) == 0
+    assert capsys.readouterr().out.count("reusing") == 2
+    assert json.loads((tmp_path / "results.json").read_text())["items"] == first["items"]
+    with pytest.raises(AssertionError, match="the model was loaded"):
+        cli.main(command(4))  # other items: recomputed
+    with pytest.raises(AssertionError, match="the model was loaded"):
+        cli.main(args + ["--no-resume"])
+
+
 def test_bad_inputs_fail_before_loading_a_model(tmp_path):
     with pytest.raises(ValueError, match="unknown benchmark"):
         cli.main(["eval", str(tmp_path), "--benchmarks", "nope", "--out", str(tmp_path)])

@@ -6,18 +6,23 @@ Example::
         --data-dir data/benchmarks --strategies zero_shot,few_shot,cot,medprompt --out runs/eval
 
 Without ``--data-dir`` the shipped SYNTHETIC set is used (tests, demo). ``--limit`` takes the first N
-items of each benchmark.
+items of each benchmark. Each finished benchmark/strategy is saved under ``OUT/parts/`` and reused by a
+rerun with the same model, items and settings (``--no-resume`` recomputes), so an interrupted evaluation
+continues where it stopped.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
+import re
 import time
 from dataclasses import replace
 from pathlib import Path
 
 from clinmega.evaluation.benchmarks import expand_benchmark_names, load_benchmark
-from clinmega.evaluation.report import write_report
+from clinmega.evaluation.report import load_part, save_part, write_report
 from clinmega.evaluation.scoring import run_strategy
 from clinmega.evaluation.strategies import PRESETS, Strategy, parse_strategy
 
@@ -50,6 +55,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--medmcqa-cop-base", type=int, choices=(0, 1), default=None,
                    help="MedMCQA 'cop' base when a file cannot tell (0: HF export, 1: GitHub release)")
     p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for the 95%% CI")
+    p.add_argument("--no-resume", action="store_true",
+                   help="recompute every benchmark/strategy even when OUT/parts/ holds a finished one")
     p.set_defaults(func=run)
     return p
 
@@ -86,6 +93,30 @@ def strategies_from(args: argparse.Namespace) -> list[Strategy]:
     return out
 
 
+class ProgressPrinter:
+    """Prints backend progress at most every ``every`` seconds, and when a call completes."""
+
+    def __init__(self, every: float = 15.0):
+        self.every, self.last = every, time.monotonic()
+
+    def __call__(self, what: str, done: int, total: int) -> None:
+        now = time.monotonic()
+        if done == total or now - self.last >= self.every:
+            self.last = now
+            print(f"  {what}: {done}/{total}", flush=True)
+
+
+def part_key(args: argparse.Namespace, strategy: Strategy, test, train) -> str:
+    """Identity of one benchmark/strategy run: model, backend, precision, strategy and the exact items."""
+    ident = {"model": str(Path(args.model_dir).resolve()), "backend": args.backend, "dtype": args.dtype,
+             "strategy": strategy.__dict__, "test": [repr(i) for i in test], "train": [repr(i) for i in train]}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.+-]", "_", name)
+
+
 def run(args: argparse.Namespace) -> int:
     benchmarks = expand_benchmark_names([b.strip() for b in args.benchmarks.split(",") if b.strip()])
     strategies = strategies_from(args)
@@ -95,13 +126,25 @@ def run(args: argparse.Namespace) -> int:
         needs_train = any(s.shots for s in strategies)
         train = load_benchmark(name, args.data_dir, "train", cop_base=args.medmcqa_cop_base) if needs_train else []
         data[name] = (test, train)
-    backend = build_backend(args)
+    backend = None
     results, timings = [], {}
     for name, (test, train) in data.items():
         for strategy in strategies:
-            start = time.perf_counter()
-            results += run_strategy(backend, test, train, strategy, log=lambda m: print(f"[{name}] {m}", flush=True))
-            timings[f"{name}/{strategy.name}"] = round(time.perf_counter() - start, 3)
+            part = args.out / "parts" / f"{name}.{_safe(strategy.name)}.json"
+            key = part_key(args, strategy, test, train)
+            cached = None if args.no_resume else load_part(part, key)
+            if cached is None:
+                if backend is None:
+                    backend = build_backend(args)
+                    backend.progress = ProgressPrinter()
+                start = time.perf_counter()
+                log = lambda m, name=name: print(f"[{name}] {m}", flush=True)  # noqa: E731
+                cached = (run_strategy(backend, test, train, strategy, log=log), time.perf_counter() - start)
+                save_part(part, key, *cached)
+            else:
+                print(f"[{name}] {strategy.name}: reusing {part}", flush=True)
+            results += cached[0]
+            timings[f"{name}/{strategy.name}"] = round(cached[1], 3)
     meta = {"model": str(args.model_dir), "backend": args.backend, "data_dir": str(args.data_dir or "synthetic"),
             "benchmarks": benchmarks, "strategies": [s.__dict__ for s in strategies], "seconds": timings}
     paths = write_report(args.out, results, meta, n_resamples=args.bootstrap, seed=args.seed)

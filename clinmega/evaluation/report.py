@@ -109,6 +109,23 @@ def write_report(out_dir: str | Path, results: Sequence[ItemResult], meta: dict,
     return paths
 
 
+def save_part(path: Path, key: str, results: Sequence[ItemResult], seconds: float) -> None:
+    """One finished benchmark/strategy run, for resuming (`load_part`)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"key": key, "seconds": seconds, "items": [r.to_dict() for r in results]}
+    _atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(payload, ensure_ascii=False)))
+
+
+def load_part(path: Path, key: str) -> tuple[list[ItemResult], float] | None:
+    """The saved results when ``path`` exists and was written for the same ``key``, else None."""
+    if not path.is_file():
+        return None
+    payload = json.loads(path.read_text())
+    if payload.get("key") != key:
+        return None
+    return [ItemResult(**d) for d in payload["items"]], float(payload["seconds"])
+
+
 def _atomic(path: Path, write) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)

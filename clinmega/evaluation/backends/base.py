@@ -20,7 +20,7 @@ one prompt) share one forward pass.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
 
@@ -54,6 +54,7 @@ class TokenBackend(ABC):
         self.batch_size = batch_size
         self.eos_id = tokenizer.eos_token_id
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.progress: Callable[[str, int, int], None] | None = None  # (what, done, total) after each batch
 
     # ------------------------------------------------------------------------------- model hooks
     @abstractmethod
@@ -102,6 +103,7 @@ class TokenBackend(ABC):
                     positions = torch.arange(lengths[b] - len(cont), lengths[b])
                     logprobs = torch.log_softmax(logits[b, positions].float(), dim=-1)
                     results[i] = logprobs.gather(1, torch.tensor(cont)[:, None]).sum().item()
+            self._report("log-likelihood forwards", start + len(batch), len(unique))
         return results
 
     # --------------------------------------------------------------------------------- generation
@@ -118,7 +120,12 @@ class TokenBackend(ABC):
                                         generators, stop)
             for i, text in zip(rows, outs):
                 texts[i] = text
+            self._report("generations", start + len(rows), len(prompts))
         return texts
+
+    def _report(self, what: str, done: int, total: int) -> None:
+        if self.progress is not None:
+            self.progress(what, done, total)
 
     def _generate_batch(self, prompts: list[list[int]], max_new_tokens: int, temperature: float, top_p: float,
                         generators: list[torch.Generator], stop: Sequence[str]) -> list[str]:
