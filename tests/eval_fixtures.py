@@ -31,14 +31,14 @@ def write_tokenizer(out: Path) -> None:
 
 
 @functools.cache
-def tiny_hf_model_dir(seed: int = 0) -> Path:
+def tiny_hf_model_dir(seed: int = 0, sliding_window: int | None = None) -> Path:
     """A random-initialised tiny MistralForCausalLM + tokenizer, saved once per test process."""
     import torch
     from transformers import MistralConfig, MistralForCausalLM
 
     out = Path(tempfile.mkdtemp(prefix="clinmega-eval-tiny-"))
     torch.manual_seed(seed)
-    model = MistralForCausalLM(MistralConfig(**TINY)).eval()
+    model = MistralForCausalLM(MistralConfig(**{**TINY, "sliding_window": sliding_window})).eval()
     with torch.no_grad():  # larger logits than the default init, so options really differ
         model.lm_head.weight.mul_(20.0)
     model.save_pretrained(out)

@@ -45,15 +45,19 @@ def copy_hf_weights(hf_model, gpt) -> None:
     assert not unexpected and all("_extra_state" in k for k in missing), (missing, unexpected)
 
 
-@pytest.fixture(scope="module")
-def backends():
+def backend_pair(model_dir):
     torch.set_num_threads(1)
-    hf = HFBackend.from_pretrained(tiny_hf_model_dir(), batch_size=4)
+    hf = HFBackend.from_pretrained(model_dir, batch_size=4)
     runtime.initialize(ParallelConfig(), RuntimeConfig(transformer_impl="local"))
-    [gpt] = build_model(from_hf_config(tiny_hf_model_dir()), ParallelConfig(), PrecisionConfig(dtype="fp32"),
+    [gpt] = build_model(from_hf_config(model_dir), ParallelConfig(), PrecisionConfig(dtype="fp32"),
                         RuntimeConfig(transformer_impl="local"))
     copy_hf_weights(hf.model, gpt)
     return hf, MegatronBackend(gpt, hf.tokenizer, max_length=hf.max_length, batch_size=4)
+
+
+@pytest.fixture(scope="module")
+def backends():
+    return backend_pair(tiny_hf_model_dir())
 
 
 def test_logits_and_loglikelihoods_match(backends):
@@ -82,6 +86,15 @@ def test_generation_with_mixed_prompt_lengths_matches(backends):
     assert mg.generate(prompts, 8) == hf.generate(prompts, 8)
     assert mg.generate(prompts, 8, temperature=0.8, top_p=0.95, seed=3) == \
         hf.generate(prompts, 8, temperature=0.8, top_p=0.95, seed=3)
+
+
+def test_sliding_window_generation_past_the_window_matches():
+    hf, mg = backend_pair(tiny_hf_model_dir(sliding_window=6))  # Mistral v0.1 style, window << prompt
+    assert mg.model.config.window_size == (5, 0)
+    prompts = ["Question: Which organ makes bile?\nAnswer:", "Hi", "Context: a b c d e f g.\nQuestion: yes?\nAnswer:"]
+    assert mg.generate(prompts, 10) == hf.generate(prompts, 10)
+    requests = [("Question: Which vitamin prevents scurvy in sailors?\nAnswer:", " Vitamin C")]
+    assert mg.loglikelihood(requests) == pytest.approx(hf.loglikelihood(requests), abs=1e-3)
 
 
 def test_from_checkpoint_round_trip(backends, tmp_path):

@@ -1,6 +1,6 @@
 """megatron-core GPTModel backend: batched scoring and KV-cached generation, one process (TP=PP=1).
 
-Scoring runs the plain forward (right-padded batch, explicit causal mask). Generation follows
+Scoring runs the plain forward (right-padded batch, causal attention). Generation follows
 megatron-core's own static-batching scheme (``inference/text_generation_controllers``): the batch is
 right-padded, a `StaticInferenceContext` holds the KV cache, the prefill covers the shortest prompt, and
 the longer prompts' remaining tokens are fed one per step before their rows start sampling (the shared
@@ -64,8 +64,15 @@ class MegatronBackend(TokenBackend):
         positions = torch.arange(start, start + length, device=self.device)[None].expand(tokens.shape[0], -1)
         return self.model(tokens.to(self.device), positions, mask, inference_context=context)
 
+    def _mask(self, length: int) -> torch.Tensor | None:
+        """Like megatron-core's GPT inference wrapper: an explicit causal mask for the local attention
+        backend; None for the others (Transformer Engine, and the local spec's causal default)."""
+        from megatron.core.transformer.enums import AttnBackend
+
+        return causal_mask(length, self.device) if self.model.config.attention_backend == AttnBackend.local else None
+
     def _logits(self, tokens: torch.Tensor, lengths: list[int]) -> torch.Tensor:
-        return self._forward(tokens, 0, causal_mask(tokens.shape[1], self.device)).float().cpu()
+        return self._forward(tokens, 0, self._mask(tokens.shape[1])).float().cpu()
 
     def _prefill(self, prompts: list[list[int]], max_new_tokens: int) -> tuple[torch.Tensor, Any, list[list[int]]]:
         from megatron.core.inference.contexts import StaticInferenceContext
@@ -73,7 +80,7 @@ class MegatronBackend(TokenBackend):
         shortest = min(len(p) for p in prompts)
         context = StaticInferenceContext(len(prompts), max(len(p) for p in prompts) + max_new_tokens)
         tokens = torch.tensor([p[:shortest] for p in prompts], dtype=torch.long)
-        logits = self._forward(tokens, 0, causal_mask(shortest, self.device), context)
+        logits = self._forward(tokens, 0, self._mask(shortest), context)
         context.increment_sequence_len_offset(shortest)
         return logits[:, -1].float().cpu(), context, [p[shortest:] for p in prompts]
 
