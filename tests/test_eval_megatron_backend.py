@@ -114,3 +114,19 @@ def test_from_checkpoint_round_trip(backends, tmp_path):
         assert cli.main(args + (extra if backend == "megatron" else [])) == 0
         reports[backend] = json.loads((tmp_path / backend / "results.json").read_text())
     assert [i["pred"] for i in reports["megatron"]["items"]] == [i["pred"] for i in reports["hf"]["items"]]
+
+
+@pytest.mark.distributed
+def test_tensor_and_expert_parallel_ranks_match_the_plain_layout(tmp_path):
+    from clinmega.runtime.local_group import run_local_group
+
+    import eval_parallel_cases
+
+    ranks = run_local_group(eval_parallel_cases.tp_ep_case, 2, (str(tmp_path),))
+    for rank in ranks:
+        assert set(rank) == {"tiny-mistral-v0.1", "tiny-mixtral"}
+        for name, result in rank.items():
+            assert result["ll_diff"] < 1e-4, (name, result)
+            assert result["greedy_equal"] and result["sampled_equal"], (name, result)
+            full, local = result["params"]
+            assert local < full, (name, result)  # the weights really are split across the two ranks

@@ -36,6 +36,9 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="megatron: HF config.json (or its folder) describing the checkpoint (default: model_dir)")
     p.add_argument("--tokenizer", type=Path, default=None,
                    help="megatron: tokenizer folder for AutoTokenizer (default: model_dir)")
+    p.add_argument("--tensor-parallel", type=int, default=1,
+                   help="megatron: tensor-parallel ranks (launch one process per rank, e.g. torchrun)")
+    p.add_argument("--expert-parallel", type=int, default=1, help="megatron: expert-parallel ranks (Mixtral)")
     p.add_argument("--benchmarks", default="medqa_4options,medmcqa,pubmedqa,mmlu_clinical",
                    help="comma-separated benchmark names or groups (mmlu_clinical)")
     p.add_argument("--data-dir", type=Path, default=None,
@@ -72,7 +75,8 @@ def build_backend(args: argparse.Namespace):
     from clinmega.evaluation.backends.megatron import MegatronBackend
 
     return MegatronBackend.from_checkpoint(args.model_dir, model_config=args.model_config, tokenizer=args.tokenizer,
-                                           dtype=args.dtype, batch_size=args.batch_size)
+                                           dtype=args.dtype, batch_size=args.batch_size,
+                                           tensor_parallel=args.tensor_parallel, expert_parallel=args.expert_parallel)
 
 
 def strategies_from(args: argparse.Namespace) -> list[Strategy]:
@@ -118,6 +122,10 @@ def _safe(name: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from clinmega.runtime import detect_world
+
+    writer = detect_world().rank == 0  # multi-rank Megatron runs: every rank computes, rank 0 writes
+    say = print if writer else (lambda *a, **k: None)
     benchmarks = expand_benchmark_names([b.strip() for b in args.benchmarks.split(",") if b.strip()])
     strategies = strategies_from(args)
     data = {}
@@ -136,15 +144,18 @@ def run(args: argparse.Namespace) -> int:
             if cached is None:
                 if backend is None:
                     backend = build_backend(args)
-                    backend.progress = ProgressPrinter()
+                    backend.progress = ProgressPrinter() if writer else None
                 start = time.perf_counter()
-                log = lambda m, name=name: print(f"[{name}] {m}", flush=True)  # noqa: E731
+                log = lambda m, name=name: say(f"[{name}] {m}", flush=True)  # noqa: E731
                 cached = (run_strategy(backend, test, train, strategy, log=log), time.perf_counter() - start)
-                save_part(part, key, *cached)
+                if writer:
+                    save_part(part, key, *cached)
             else:
-                print(f"[{name}] {strategy.name}: reusing {part}", flush=True)
+                say(f"[{name}] {strategy.name}: reusing {part}", flush=True)
             results += cached[0]
             timings[f"{name}/{strategy.name}"] = round(cached[1], 3)
+    if not writer:
+        return 0
     meta = {"model": str(args.model_dir), "backend": args.backend, "data_dir": str(args.data_dir or "synthetic"),
             "benchmarks": benchmarks, "strategies": [s.__dict__ for s in strategies], "seconds": timings}
     paths = write_report(args.out, results, meta, n_resamples=args.bootstrap, seed=args.seed)

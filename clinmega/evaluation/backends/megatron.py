@@ -1,4 +1,4 @@
-"""megatron-core GPTModel backend: batched scoring and KV-cached generation, one process (TP=PP=1).
+"""megatron-core GPTModel backend: batched scoring and KV-cached generation (TP/EP ranks, no PP).
 
 Scoring runs the plain forward (right-padded batch, causal attention). Generation follows
 megatron-core's own static-batching scheme (``inference/text_generation_controllers``): the batch is
@@ -35,13 +35,16 @@ class MegatronBackend(TokenBackend):
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, model_config: str | Path | None = None,
-                        tokenizer: str | Path | None = None, dtype: str = "float32",
-                        batch_size: int = 8) -> "MegatronBackend":
-        """Load a clinmega/megatron-core distributed checkpoint (model weights) on one process, on the GPU
-        when there is one (`clinmega.runtime` decides).
+                        tokenizer: str | Path | None = None, dtype: str = "float32", batch_size: int = 8,
+                        tensor_parallel: int = 1, expert_parallel: int = 1) -> "MegatronBackend":
+        """Load a clinmega/megatron-core distributed checkpoint (model weights, any saved layout).
 
         ``model_config``: a HF ``config.json`` (or folder holding one) describing the model, default
-        ``path``; ``tokenizer``: a folder `AutoTokenizer` reads, default ``path``.
+        ``path``; ``tokenizer``: a folder `AutoTokenizer` reads, default ``path``. With
+        ``tensor_parallel``/``expert_parallel`` > 1, run one process per rank (torchrun, Slurm): every rank
+        computes the same requests (logits are gathered over tensor-parallel ranks, and each row samples
+        from its own seeded generator, so all ranks agree), and the caller lets rank 0 write results.
+        Pipeline parallelism is not supported for evaluation.
         """
         from transformers import AutoTokenizer
 
@@ -52,7 +55,8 @@ class MegatronBackend(TokenBackend):
 
         precision = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[dtype]
         cfg = from_hf_config(model_config or path)
-        parallel, runtime = ParallelConfig(), RuntimeConfig()
+        parallel = ParallelConfig(tensor_parallel=tensor_parallel, expert_parallel=expert_parallel)
+        runtime = RuntimeConfig()
         initialize(parallel, runtime)
         [model] = build_model(cfg, parallel, PrecisionConfig(dtype=precision), runtime)
         load_model_weights([model], path)
@@ -62,7 +66,8 @@ class MegatronBackend(TokenBackend):
     def _forward(self, tokens: torch.Tensor, start: int, mask: torch.Tensor | None, context: Any = None):
         length = tokens.shape[1]
         positions = torch.arange(start, start + length, device=self.device)[None].expand(tokens.shape[0], -1)
-        return self.model(tokens.to(self.device), positions, mask, inference_context=context)
+        return self.model(tokens.to(self.device), positions, mask, inference_context=context,
+                          runtime_gather_output=True)  # full-vocabulary logits on every tensor-parallel rank
 
     def _mask(self, length: int) -> torch.Tensor | None:
         """Like megatron-core's GPT inference wrapper: an explicit causal mask for the local attention
