@@ -59,7 +59,8 @@ class TokenBackend(ABC):
     # ------------------------------------------------------------------------------- model hooks
     @abstractmethod
     def _logits(self, tokens: torch.Tensor, lengths: list[int]) -> torch.Tensor:
-        """Logits [B, T, V] of a right-padded batch (row b holds ``lengths[b]`` real tokens)."""
+        """Logits [B, T, V] of a right-padded batch (row b holds ``lengths[b]`` real tokens), on the model's
+        device (only the continuation positions are read)."""
 
     @abstractmethod
     def _prefill(self, prompts: list[list[int]], max_new_tokens: int) -> tuple[torch.Tensor, Any, list[list[int]]]:
@@ -100,9 +101,10 @@ class TokenBackend(ABC):
             for b, x in enumerate(batch):
                 for i in inputs[x]:
                     cont = encoded[i][1]
-                    positions = torch.arange(lengths[b] - len(cont), lengths[b])
+                    positions = torch.arange(lengths[b] - len(cont), lengths[b], device=logits.device)
                     logprobs = torch.log_softmax(logits[b, positions].float(), dim=-1)
-                    results[i] = logprobs.gather(1, torch.tensor(cont)[:, None]).sum().item()
+                    targets = torch.tensor(cont, device=logits.device)[:, None]
+                    results[i] = logprobs.gather(1, targets).sum().item()
             self._report("log-likelihood forwards", start + len(batch), len(unique))
         return results
 

@@ -27,7 +27,7 @@ class HFBackend(TokenBackend):
 
     def _logits(self, tokens: torch.Tensor, lengths: list[int]) -> torch.Tensor:
         mask = (torch.arange(tokens.shape[1])[None, :] < torch.tensor(lengths)[:, None]).long()
-        return self.model(input_ids=tokens.to(self.device), attention_mask=mask.to(self.device)).logits.cpu()
+        return self.model(input_ids=tokens.to(self.device), attention_mask=mask.to(self.device)).logits
 
     def _prefill(self, prompts: list[list[int]], max_new_tokens: int) -> tuple[torch.Tensor, Any, list[list[int]]]:
         width = max(len(p) for p in prompts)

@@ -77,7 +77,7 @@ class MegatronBackend(TokenBackend):
         return causal_mask(length, self.device) if self.model.config.attention_backend == AttnBackend.local else None
 
     def _logits(self, tokens: torch.Tensor, lengths: list[int]) -> torch.Tensor:
-        return self._forward(tokens, 0, self._mask(tokens.shape[1])).float().cpu()
+        return self._forward(tokens, 0, self._mask(tokens.shape[1]))
 
     def _prefill(self, prompts: list[list[int]], max_new_tokens: int) -> tuple[torch.Tensor, Any, list[list[int]]]:
         from megatron.core.inference.contexts import StaticInferenceContext
