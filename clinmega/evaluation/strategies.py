@@ -132,7 +132,7 @@ class TfidfIndex:
     def ranking(self, text: str) -> list[int]:
         """Train indices, most similar first (ties: lower index first)."""
         sims = self.similarities(text)
-        return sorted(range(self.n_docs), key=lambda i: (-sims[i], i))
+        return np.lexsort((np.arange(self.n_docs), -sims)).tolist()
 
 
 def item_text(item: Item) -> str:
