@@ -111,8 +111,12 @@ class ProgressPrinter:
 
 
 def part_key(args: argparse.Namespace, strategy: Strategy, test, train) -> str:
-    """Identity of one benchmark/strategy run: model, backend, precision, strategy and the exact items."""
-    ident = {"model": str(Path(args.model_dir).resolve()), "backend": args.backend, "dtype": args.dtype,
+    """Identity of one benchmark/strategy run: model (path and files' sizes/times), backend, precision,
+    strategy and the exact items."""
+    model = Path(args.model_dir).resolve()
+    files = sorted((str(p.relative_to(model)), p.stat().st_size, p.stat().st_mtime_ns)
+                   for p in model.rglob("*") if p.is_file()) if model.is_dir() else []
+    ident = {"model": str(model), "files": files, "backend": args.backend, "dtype": args.dtype,
              "strategy": strategy.__dict__, "test": [repr(i) for i in test], "train": [repr(i) for i in train]}
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
 

@@ -71,7 +71,8 @@ def bar_chart(rows: Sequence[dict], path: Path, title: str = "clinmega evaluatio
     benchmarks = list(dict.fromkeys(r["benchmark"] for r in rows))
     strategies = list(dict.fromkeys(r["strategy"] for r in rows))
     width = 0.8 / max(1, len(strategies))
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(benchmarks) * max(1, len(strategies)) ** 0.5), 4.0))
+    fig, ax = plt.subplots(figsize=(min(20.0, max(6.0, 2.0 + 0.3 * len(benchmarks) * len(strategies))), 4.5))
+    colors = plt.get_cmap("tab20" if len(strategies) > 10 else "tab10").colors
     for k, strategy in enumerate(strategies):
         xs, values, errors = [], [], [[], []]
         for j, b in enumerate(benchmarks):
@@ -83,12 +84,13 @@ def bar_chart(rows: Sequence[dict], path: Path, title: str = "clinmega evaluatio
             values.append(v)
             errors[0].append(v - lo)
             errors[1].append(hi - v)
-        ax.bar(xs, values, width, yerr=errors, capsize=3, label=strategy)
+        ax.bar(xs, values, width, yerr=errors, capsize=2, label=strategy, color=colors[k % len(colors)],
+               error_kw={"elinewidth": 0.8})
     ax.set_xticks(range(len(benchmarks)), benchmarks, rotation=30, ha="right")
     ax.set_ylim(0, 1)
     ax.set_ylabel("accuracy (95% bootstrap CI)")
     ax.set_title(title)
-    ax.legend(fontsize="small")
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     _atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
     plt.close(fig)
