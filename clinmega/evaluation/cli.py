@@ -117,6 +117,7 @@ def part_key(args: argparse.Namespace, strategy: Strategy, test, train) -> str:
     files = sorted((str(p.relative_to(model)), p.stat().st_size, p.stat().st_mtime_ns)
                    for p in model.rglob("*") if p.is_file()) if model.is_dir() else []
     ident = {"model": str(model), "files": files, "backend": args.backend, "dtype": args.dtype,
+             "model_config": str(args.model_config), "tokenizer": str(args.tokenizer),
              "strategy": strategy.__dict__, "test": [repr(i) for i in test], "train": [repr(i) for i in train]}
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
 
