@@ -64,11 +64,20 @@ def test_rerun_resumes_from_finished_parts(tmp_path, monkeypatch, capsys):
         cli.main(args + ["--no-resume"])
 
 
-def test_bad_inputs_fail_before_loading_a_model(tmp_path):
-    with pytest.raises(ValueError, match="unknown benchmark"):
-        cli.main(["eval", str(tmp_path), "--benchmarks", "nope", "--out", str(tmp_path)])
-    with pytest.raises(ValueError, match="unknown strategy"):
-        cli.main(["eval", str(tmp_path), "--strategies", "zero_shot+nope", "--out", str(tmp_path)])
+def test_bad_inputs_fail_before_loading_a_model(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(cli, "build_backend", lambda _: pytest.fail("a model was loaded"))
+    assert cli.main(["eval", str(tmp_path), "--benchmarks", "nope", "--out", str(tmp_path)]) == 2
+    assert "unknown benchmark 'nope'" in capsys.readouterr().err
+    assert cli.main(["eval", str(tmp_path), "--strategies", "zero_shot+nope", "--out", str(tmp_path)]) == 2
+    assert "unknown strategy 'nope'" in capsys.readouterr().err
+    bad = tmp_path / "data" / "medqa"
+    bad.mkdir(parents=True)
+    (bad / "test.jsonl").write_text('{"question": "Q?", "options": {"A": "x", "B": "y"}, "answer_idx": "C"}\n')
+    args = ["eval", str(tmp_path), "--benchmarks", "medqa", "--data-dir", str(tmp_path / "data"), "--out", str(tmp_path)]
+    assert cli.main(args) == 2
+    assert f"{bad / 'test.jsonl'}:1: answer_idx 'C'" in capsys.readouterr().err
+    assert cli.main(args[:-4] + ["--data-dir", str(tmp_path / "empty"), "--out", str(tmp_path)]) == 2
+    assert "medqa/test: no file under" in capsys.readouterr().err
 
 
 def test_bootstrap_and_summary():

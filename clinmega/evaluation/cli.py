@@ -17,6 +17,7 @@ import argparse
 import hashlib
 import json
 import re
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -131,14 +132,18 @@ def run(args: argparse.Namespace) -> int:
 
     writer = detect_world().rank == 0  # multi-rank Megatron runs: every rank computes, rank 0 writes
     say = print if writer else (lambda *a, **k: None)
-    benchmarks = expand_benchmark_names([b.strip() for b in args.benchmarks.split(",") if b.strip()])
-    strategies = strategies_from(args)
-    data = {}
-    for name in benchmarks:  # load everything first: format errors surface before the model loads
-        test = load_benchmark(name, args.data_dir, "test", cop_base=args.medmcqa_cop_base)[: args.limit]
-        needs_train = any(s.shots for s in strategies)
-        train = load_benchmark(name, args.data_dir, "train", cop_base=args.medmcqa_cop_base) if needs_train else []
-        data[name] = (test, train)
+    try:  # everything the user supplied is checked before a model loads
+        benchmarks = expand_benchmark_names([b.strip() for b in args.benchmarks.split(",") if b.strip()])
+        strategies = strategies_from(args)
+        data = {}
+        for name in benchmarks:
+            test = load_benchmark(name, args.data_dir, "test", cop_base=args.medmcqa_cop_base)[: args.limit]
+            needs_train = any(s.shots for s in strategies)
+            train = load_benchmark(name, args.data_dir, "train", cop_base=args.medmcqa_cop_base) if needs_train else []
+            data[name] = (test, train)
+    except (ValueError, FileNotFoundError) as err:  # BenchmarkFormatError lists every bad record
+        print(f"clinmega eval: {err}", file=sys.stderr)
+        return 2
     backend = None
     results, timings = [], {}
     for name, (test, train) in data.items():
