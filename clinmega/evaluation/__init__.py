@@ -1,0 +1,1 @@
+"""Evaluation harness: benchmark loaders, prompt strategies, scoring, backends and reports."""

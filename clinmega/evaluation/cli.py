@@ -1,0 +1,186 @@
+"""``clinmega eval``: benchmarks x strategies on one model, written to JSON, Markdown and a PNG chart.
+
+Example::
+
+    clinmega eval runs/export-hf --backend hf --benchmarks medqa_4options,medmcqa,pubmedqa,mmlu_clinical \\
+        --data-dir data/benchmarks --strategies zero_shot,few_shot,cot,medprompt --out runs/eval
+
+Without ``--data-dir`` the shipped SYNTHETIC set is used (tests, demo). ``--limit`` takes the first N
+items of each benchmark. Each finished benchmark/strategy is saved under ``OUT/parts/`` and reused by a
+rerun with the same model, items and settings (``--no-resume`` recomputes), so an interrupted evaluation
+continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import re
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from clinmega.evaluation.benchmarks import expand_benchmark_names, load_benchmark
+from clinmega.evaluation.report import load_part, save_part, write_report
+from clinmega.evaluation.scoring import run_strategy
+from clinmega.evaluation.strategies import PRESETS, Strategy, parse_strategy
+
+
+def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("eval", help="evaluate a model on medical benchmarks with prompt strategies",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model_dir", type=Path, help="HF model folder (--backend hf) or Megatron checkpoint (megatron)")
+    p.add_argument("--backend", choices=("hf", "megatron"), default="hf")
+    p.add_argument("--model-config", type=Path, default=None,
+                   help="megatron: HF config.json (or its folder) describing the checkpoint (default: model_dir)")
+    p.add_argument("--tokenizer", type=Path, default=None,
+                   help="megatron: tokenizer folder for AutoTokenizer (default: model_dir)")
+    p.add_argument("--tensor-parallel", type=int, default=1,
+                   help="megatron: tensor-parallel ranks (launch one process per rank, e.g. torchrun)")
+    p.add_argument("--expert-parallel", type=int, default=1, help="megatron: expert-parallel ranks (Mixtral)")
+    p.add_argument("--benchmarks", default="medqa_4options,medmcqa,pubmedqa,mmlu_clinical",
+                   help="comma-separated benchmark names or groups (mmlu_clinical)")
+    p.add_argument("--data-dir", type=Path, default=None,
+                   help="folder with <benchmark>/ sub-folders (default: the built-in synthetic set)")
+    p.add_argument("--strategies", default="zero_shot",
+                   help=f"comma-separated; presets {', '.join(PRESETS)}; compose with '+'")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--limit", type=int, default=None, help="first N items per benchmark")
+    p.add_argument("--shots", type=int, default=None, help="override the number of few-shot exemplars")
+    p.add_argument("--samples", type=int, default=None, help="override self-consistency paths")
+    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--seed", type=int, default=1234, help="exemplar/permutation/sampling/bootstrap seed")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--device", default=None, help="hf backend: cpu or cuda (default: cuda when available)")
+    p.add_argument("--medmcqa-cop-base", type=int, choices=(0, 1), default=None,
+                   help="MedMCQA 'cop' base when a file cannot tell (0: HF export, 1: GitHub release)")
+    p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for the 95%% CI")
+    p.add_argument("--no-resume", action="store_true",
+                   help="recompute every benchmark/strategy even when OUT/parts/ holds a finished one")
+    p.set_defaults(func=run)
+    return p
+
+
+def build_backend(args: argparse.Namespace):
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.backend == "hf":
+        from clinmega.evaluation.backends.hf import HFBackend
+
+        return HFBackend.from_pretrained(args.model_dir, dtype=args.dtype, device=device, batch_size=args.batch_size)
+    from clinmega.evaluation.backends.megatron import MegatronBackend
+
+    return MegatronBackend.from_checkpoint(args.model_dir, model_config=args.model_config, tokenizer=args.tokenizer,
+                                           dtype=args.dtype, batch_size=args.batch_size,
+                                           tensor_parallel=args.tensor_parallel, expert_parallel=args.expert_parallel)
+
+
+def strategies_from(args: argparse.Namespace) -> list[Strategy]:
+    """Parsed ``--strategies``, with the command-line overrides applied where they mean something."""
+    out = []
+    for spec in filter(None, (s.strip() for s in args.strategies.split(","))):
+        strategy = parse_strategy(spec)
+        overrides = {"seed": args.seed}
+        if args.shots is not None and strategy.shots:
+            overrides["shots"] = args.shots
+        if args.samples is not None and strategy.samples > 1:
+            overrides["samples"] = args.samples
+        if args.max_new_tokens is not None:
+            overrides["max_new_tokens"] = args.max_new_tokens
+        if args.temperature is not None:
+            overrides["temperature"] = args.temperature
+        out.append(replace(strategy, **overrides))
+    return out
+
+
+class ProgressPrinter:
+    """Prints backend progress at most every ``every`` seconds, and when a call completes."""
+
+    def __init__(self, every: float = 15.0):
+        self.every, self.last = every, time.monotonic()
+
+    def __call__(self, what: str, done: int, total: int) -> None:
+        now = time.monotonic()
+        if done == total or now - self.last >= self.every:
+            self.last = now
+            print(f"  {what}: {done}/{total}", flush=True)
+
+
+def part_key(args: argparse.Namespace, strategy: Strategy, test, train) -> str:
+    """Identity of one benchmark/strategy run: model (path and files' sizes/times), backend, precision,
+    strategy and the exact items."""
+    model = Path(args.model_dir).resolve()
+    files = sorted((str(p.relative_to(model)), p.stat().st_size, p.stat().st_mtime_ns)
+                   for p in model.rglob("*") if p.is_file()) if model.is_dir() else []
+    ident = {"model": str(model), "files": files, "backend": args.backend, "dtype": args.dtype,
+             "model_config": str(args.model_config), "tokenizer": str(args.tokenizer),
+             "strategy": strategy.__dict__, "test": [repr(i) for i in test], "train": [repr(i) for i in train]}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.+-]", "_", name)
+
+
+def run(args: argparse.Namespace) -> int:
+    from clinmega.runtime import detect_world
+
+    writer = detect_world().rank == 0  # multi-rank Megatron runs: every rank computes, rank 0 writes
+    say = print if writer else (lambda *a, **k: None)
+    try:  # everything the user supplied is checked before a model loads
+        benchmarks = expand_benchmark_names([b.strip() for b in args.benchmarks.split(",") if b.strip()])
+        strategies = strategies_from(args)
+        data = {}
+        for name in benchmarks:
+            test = load_benchmark(name, args.data_dir, "test", cop_base=args.medmcqa_cop_base)[: args.limit]
+            needs_train = any(s.shots for s in strategies)
+            train = load_benchmark(name, args.data_dir, "train", cop_base=args.medmcqa_cop_base) if needs_train else []
+            data[name] = (test, train)
+    except (ValueError, FileNotFoundError) as err:  # BenchmarkFormatError lists every bad record
+        print(f"clinmega eval: {err}", file=sys.stderr)
+        return 2
+    backend = None
+    results, timings = [], {}
+    for name, (test, train) in data.items():
+        for strategy in strategies:
+            part = args.out / "parts" / f"{name}.{_safe(strategy.name)}.json"
+            key = part_key(args, strategy, test, train)
+            cached = None if args.no_resume else load_part(part, key)
+            if cached is None:
+                if backend is None:
+                    backend = build_backend(args)
+                    backend.progress = ProgressPrinter() if writer else None
+                start = time.perf_counter()
+                log = lambda m, name=name: say(f"[{name}] {m}", flush=True)  # noqa: E731
+                cached = (run_strategy(backend, test, train, strategy, log=log), time.perf_counter() - start)
+                if writer:
+                    save_part(part, key, *cached)
+            else:
+                say(f"[{name}] {strategy.name}: reusing {part}", flush=True)
+            results += cached[0]
+            timings[f"{name}/{strategy.name}"] = round(cached[1], 3)
+    if not writer:
+        return 0
+    meta = {"model": str(args.model_dir), "backend": args.backend, "data_dir": str(args.data_dir or "synthetic"),
+            "benchmarks": benchmarks, "strategies": [s.__dict__ for s in strategies], "seconds": timings}
+    paths = write_report(args.out, results, meta, n_resamples=args.bootstrap, seed=args.seed)
+    print(paths["markdown"].read_text(), end="")
+    print(f"wrote {', '.join(str(p) for p in paths.values())}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Stand-alone entry (the project CLI calls `register`)."""
+    parser = argparse.ArgumentParser(prog="clinmega")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,142 @@
+"""Accuracy summaries with seeded bootstrap confidence intervals, written as JSON, Markdown and a PNG chart.
+
+All files are written atomically (temporary name, then rename).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from clinmega.evaluation.scoring import ItemResult
+
+METRICS = ("acc", "acc_norm", "acc_bytes")
+
+
+def bootstrap_ci(correct: Sequence[bool], n_resamples: int = 2000, confidence: float = 0.95,
+                 seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of ``correct``."""
+    x = np.asarray(correct, dtype=np.float64)
+    if x.size == 0:
+        return (float("nan"), float("nan"))
+    rng = np.random.default_rng(seed)
+    means = x[rng.integers(0, x.size, size=(n_resamples, x.size))].mean(axis=1)
+    alpha = (1.0 - confidence) / 2
+    return float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha))
+
+
+def summarize(results: Sequence[ItemResult], n_resamples: int = 2000, seed: int = 0) -> list[dict]:
+    """One row per (benchmark, strategy): n, unparsed answers, and each metric with its 95% CI."""
+    groups: dict[tuple[str, str], list[ItemResult]] = {}
+    for r in results:
+        groups.setdefault((r.benchmark, r.strategy), []).append(r)
+    rows = []
+    for (benchmark, strategy), rs in groups.items():
+        row = {"benchmark": benchmark, "strategy": strategy, "n": len(rs),
+               "unanswered": sum(r.pred is None for r in rs)}
+        preds = {"acc": [r.pred for r in rs], "acc_norm": [r.pred_norm for r in rs],
+                 "acc_bytes": [r.pred_bytes for r in rs]}
+        for metric in METRICS:
+            if metric != "acc" and all(p is None for p in preds[metric]):
+                continue  # generation strategies have no length-normalised variant
+            correct = [p == r.answer for p, r in zip(preds[metric], rs)]
+            low, high = bootstrap_ci(correct, n_resamples=n_resamples, seed=seed)
+            row[metric] = {"value": float(np.mean(correct)), "ci95": [low, high]}
+        rows.append(row)
+    return rows
+
+
+def markdown_table(rows: Sequence[dict]) -> str:
+    lines = ["| benchmark | strategy | n | acc | 95% CI | acc_norm | unanswered |",
+             "|---|---|---:|---:|---|---:|---:|"]
+    for r in rows:
+        acc, norm = r["acc"], r.get("acc_norm")
+        lines.append(f"| {r['benchmark']} | {r['strategy']} | {r['n']} | {acc['value']:.3f} | "
+                     f"[{acc['ci95'][0]:.3f}, {acc['ci95'][1]:.3f}] | "
+                     f"{'' if norm is None else format(norm['value'], '.3f')} | {r['unanswered']} |")
+    return "\n".join(lines) + "\n"
+
+
+def bar_chart(rows: Sequence[dict], path: Path, title: str = "clinmega evaluation") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    benchmarks = list(dict.fromkeys(r["benchmark"] for r in rows))
+    strategies = list(dict.fromkeys(r["strategy"] for r in rows))
+    width = 0.8 / max(1, len(strategies))
+    fig, ax = plt.subplots(figsize=(min(20.0, max(6.0, 2.0 + 0.3 * len(benchmarks) * len(strategies))), 4.5))
+    colors = plt.get_cmap("tab20" if len(strategies) > 10 else "tab10").colors
+    for k, strategy in enumerate(strategies):
+        xs, values, errors = [], [], [[], []]
+        for j, b in enumerate(benchmarks):
+            row = next((r for r in rows if r["benchmark"] == b and r["strategy"] == strategy), None)
+            if row is None:
+                continue
+            v, (lo, hi) = row["acc"]["value"], row["acc"]["ci95"]
+            xs.append(j + (k - (len(strategies) - 1) / 2) * width)
+            values.append(v)
+            errors[0].append(v - lo)
+            errors[1].append(hi - v)
+        ax.bar(xs, values, width, yerr=errors, capsize=2, label=strategy, color=colors[k % len(colors)],
+               error_kw={"elinewidth": 0.8})
+    ax.set_xticks(range(len(benchmarks)), benchmarks, rotation=30, ha="right")
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("accuracy (95% bootstrap CI)")
+    ax.set_title(title)
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    _atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    plt.close(fig)
+
+
+def write_report(out_dir: str | Path, results: Sequence[ItemResult], meta: dict, n_resamples: int = 2000,
+                 seed: int = 0) -> dict[str, Path]:
+    """Write ``results.json`` (meta, summary, items), ``results.md`` and ``accuracy.png``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = summarize(results, n_resamples=n_resamples, seed=seed)
+    payload = {"meta": {**meta, "bootstrap": {"resamples": n_resamples, "seed": seed, "confidence": 0.95}},
+               "summary": rows, "items": [r.to_dict() for r in results]}
+    paths = {"json": out / "results.json", "markdown": out / "results.md", "chart": out / "accuracy.png"}
+    _atomic(paths["json"], lambda tmp: Path(tmp).write_text(json.dumps(payload, indent=1, ensure_ascii=False)))
+    _atomic(paths["markdown"], lambda tmp: Path(tmp).write_text(markdown_table(rows)))
+    bar_chart(rows, paths["chart"])
+    return paths
+
+
+def save_part(path: Path, key: str, results: Sequence[ItemResult], seconds: float) -> None:
+    """One finished benchmark/strategy run, for resuming (`load_part`)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"key": key, "seconds": seconds, "items": [r.to_dict() for r in results]}
+    _atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(payload, ensure_ascii=False)))
+
+
+def load_part(path: Path, key: str) -> tuple[list[ItemResult], float] | None:
+    """The saved results when ``path`` exists and was written for the same ``key``, else None."""
+    if not path.is_file():
+        return None
+    payload = json.loads(path.read_text())
+    if payload.get("key") != key:
+        return None
+    return [ItemResult(**d) for d in payload["items"]], float(payload["seconds"])
+
+
+def _atomic(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    try:
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the final file the usual mode
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,190 @@
+"""Prompting strategies as composable settings, plus exemplar selection and option permutations.
+
+A `Strategy` is a set of orthogonal knobs; presets name common combinations and ``+`` composes them
+(``"knn_few_shot+cot+choice_shuffle"`` equals the ``medprompt`` preset):
+
+* ``target``: log-likelihood scoring of the option letters (default) or of the option texts (then
+  ``acc_norm`` differs from ``acc``);
+* ``shots`` / ``selection``: few-shot exemplars from the train split, ``fixed`` (the first ones),
+  ``random`` (seeded per item) or ``knn`` (nearest by TF-IDF cosine similarity, `TfidfIndex`);
+* ``cot``: chain of thought (generation); few-shot CoT exemplars use the item's explanation when the
+  release has one, else a rationale the model generated itself and that reached the right answer
+  (Medprompt's self-generated CoT);
+* ``samples`` > 1: self-consistency, that many sampled paths (``temperature``, ``top_p``), majority vote;
+* ``permutations`` > 1: choice-shuffle ensemble, the same question with the options in that many
+  orders (the first is the original), votes mapped back to the original options.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+from collections import Counter
+from dataclasses import dataclass, fields, replace
+from typing import Literal, Sequence
+
+import numpy as np
+
+from clinmega.evaluation.benchmarks import Item
+
+
+@dataclass(frozen=True)
+class Strategy:
+    name: str = "zero_shot"
+    scoring: Literal["loglikelihood", "generate"] = "loglikelihood"
+    target: Literal["letter", "text"] = "letter"  # log-likelihood of " A" or of " <option text>"
+    shots: int = 0
+    selection: Literal["fixed", "random", "knn"] = "fixed"
+    cot: bool = False
+    samples: int = 1
+    permutations: int = 1
+    temperature: float = 0.7
+    top_p: float = 1.0
+    max_new_tokens: int = 0  # 0: 384 with chain of thought, else 16
+    seed: int = 1234
+
+    def __post_init__(self) -> None:
+        if self.cot and self.scoring != "generate":
+            raise ValueError(f"strategy {self.name}: chain of thought needs scoring='generate'")
+        if self.target == "text" and self.scoring != "loglikelihood":
+            raise ValueError(f"strategy {self.name}: target='text' applies to log-likelihood scoring")
+        if self.samples > 1 and self.scoring != "generate":
+            raise ValueError(f"strategy {self.name}: self-consistency (samples>1) needs scoring='generate'")
+        if self.shots < 0 or self.samples < 1 or self.permutations < 1:
+            raise ValueError(f"strategy {self.name}: shots>=0, samples>=1, permutations>=1 required")
+
+    @property
+    def new_tokens(self) -> int:
+        return self.max_new_tokens or (384 if self.cot else 16)
+
+
+PRESETS: dict[str, Strategy] = {
+    "zero_shot": Strategy("zero_shot"),
+    "option_text": Strategy("option_text", target="text"),
+    "few_shot": Strategy("few_shot", shots=5),
+    "random_few_shot": Strategy("random_few_shot", shots=5, selection="random"),
+    "knn_few_shot": Strategy("knn_few_shot", shots=5, selection="knn"),
+    "generate": Strategy("generate", scoring="generate"),
+    "cot": Strategy("cot", scoring="generate", cot=True),
+    "few_shot_cot": Strategy("few_shot_cot", scoring="generate", cot=True, shots=3),
+    "self_consistency": Strategy("self_consistency", scoring="generate", cot=True, samples=5),
+    "choice_shuffle": Strategy("choice_shuffle", permutations=5),
+    "medprompt": Strategy("medprompt", scoring="generate", cot=True, shots=5, selection="knn", permutations=5),
+}
+
+
+def parse_strategy(spec: str) -> Strategy:
+    """A preset name, or presets joined by ``+``: each part contributes the knobs it sets."""
+    parts = [p.strip() for p in spec.split("+")]
+    unknown = [p for p in parts if p not in PRESETS]
+    if unknown:
+        raise ValueError(f"unknown strategy {unknown[0]!r}; known: {', '.join(PRESETS)} (compose with '+')")
+    if len(parts) == 1:
+        return PRESETS[parts[0]]
+    default, merged = Strategy(), {}
+    for part in parts:
+        merged.update({f.name: getattr(PRESETS[part], f.name) for f in fields(Strategy)
+                       if f.name != "name" and getattr(PRESETS[part], f.name) != getattr(default, f.name)})
+    return Strategy(name=spec, **merged)
+
+
+# ------------------------------------------------------------------------------------ exemplar choice
+_WORD = re.compile(r"[a-z0-9]+")
+
+
+def _terms(text: str) -> list[str]:
+    return _WORD.findall(text.lower())
+
+
+class TfidfIndex:
+    """TF-IDF vectors of the train texts (raw counts x smooth idf, L2-normalised, like scikit-learn's
+    ``TfidfVectorizer(token_pattern=r"[a-z0-9]+")`` defaults) and cosine-similarity ranking."""
+
+    def __init__(self, texts: Sequence[str]):
+        self.vocab: dict[str, int] = {}
+        rows, cols, counts = [], [], []
+        for r, text in enumerate(texts):
+            for term, count in Counter(_terms(text)).items():
+                rows.append(r)
+                cols.append(self.vocab.setdefault(term, len(self.vocab)))
+                counts.append(count)
+        self.n_docs = len(texts)
+        self.rows, self.cols = np.array(rows, dtype=np.int64), np.array(cols, dtype=np.int64)
+        df = np.bincount(self.cols, minlength=len(self.vocab))
+        self.idf = np.log((1 + self.n_docs) / (1 + df)) + 1.0
+        weights = np.array(counts, dtype=np.float64) * self.idf[self.cols]
+        norms = np.sqrt(np.bincount(self.rows, weights=weights**2, minlength=self.n_docs))
+        self.weights = weights / np.where(norms > 0, norms, 1.0)[self.rows]
+
+    def query_vector(self, text: str) -> np.ndarray:
+        q = np.zeros(len(self.vocab))
+        for term, count in Counter(_terms(text)).items():
+            if term in self.vocab:
+                q[self.vocab[term]] = count * self.idf[self.vocab[term]]
+        norm = np.linalg.norm(q)
+        return q / norm if norm > 0 else q
+
+    def similarities(self, text: str) -> np.ndarray:
+        q = self.query_vector(text)
+        return np.bincount(self.rows, weights=self.weights * q[self.cols], minlength=self.n_docs)
+
+    def ranking(self, text: str) -> list[int]:
+        """Train indices, most similar first (ties: lower index first)."""
+        sims = self.similarities(text)
+        return np.lexsort((np.arange(self.n_docs), -sims)).tolist()
+
+
+def item_text(item: Item) -> str:
+    return " ".join(filter(None, [item.context, item.question]))
+
+
+def candidate_exemplars(items: Sequence[Item], train: Sequence[Item], strategy: Strategy) -> list[list[int]]:
+    """Per item, train indices in order of preference (the first ``shots`` usable ones are used).
+
+    Train items with the same question as the test item are never used (no leakage).
+    """
+    if strategy.shots == 0:
+        return [[] for _ in items]
+    if not train:
+        raise ValueError(f"strategy {strategy.name} needs a train split for {strategy.shots} shots")
+    index = TfidfIndex([item_text(t) for t in train]) if strategy.selection == "knn" else None
+    out = []
+    for n, item in enumerate(items):
+        if strategy.selection == "knn":
+            order = index.ranking(item_text(item))
+        elif strategy.selection == "random":
+            order = random.Random(f"{strategy.seed}:{item.benchmark}:{item.id}:{n}").sample(range(len(train)), len(train))
+        else:
+            order = list(range(len(train)))
+        out.append([i for i in order if train[i].question != item.question])
+    return out
+
+
+# --------------------------------------------------------------------------------- choice shuffling
+def option_orders(n_options: int, count: int, rng: random.Random) -> list[tuple[int, ...]]:
+    """``count`` distinct option orders, the original first (fewer when n_options! < count).
+
+    ``order[j]`` is the original index of the option shown at position j.
+    """
+    orders = [tuple(range(n_options))]
+    budget = min(count, math.factorial(n_options))
+    while len(orders) < budget:
+        order = tuple(rng.sample(range(n_options), n_options))
+        if order not in orders:
+            orders.append(order)
+    return orders
+
+
+def permute(item: Item, order: Sequence[int]) -> Item:
+    """The item with its options shown in ``order`` (answer re-indexed)."""
+    return replace(item, options=tuple(item.options[i] for i in order), answer=list(order).index(item.answer))
+
+
+def majority_vote(votes: Sequence[int | None]) -> int | None:
+    """Most frequent non-None vote; ties go to the option voted first (the original order's vote)."""
+    counted = Counter(v for v in votes if v is not None)
+    if not counted:
+        return None
+    best = max(counted.values())
+    return next(v for v in votes if v is not None and counted[v] == best)
