@@ -46,8 +46,9 @@ def test_sbatch_launches_one_task_per_gpu_through_the_cli():
     per_node = int(re.search(r"--ntasks-per-node=(\d+)", text).group(1))
     gpus = int(re.search(r"--gpus-per-node=(\d+)", text).group(1))
     assert per_node == gpus
-    assert "--container-image" in text and "srun" in text and "torchrun" not in text
-    assert "python -m clinmega.cli" in text
+    code = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
+    assert "--container-image" in code and "srun" in code and "torchrun" not in code
+    assert "python -m clinmega.cli" in code
 
 
 def test_slurm_task_environment_initialises_like_torchrun():
