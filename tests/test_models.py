@@ -135,3 +135,18 @@ def test_context_parallel_needs_transformer_engine():
         with pytest.raises(ConfigError, match="parallel.context_parallel"):
             transformer_config(PRESETS["tiny-mistral-v0.1"], ParallelConfig(context_parallel=2),
                                PrecisionConfig("fp32"))
+
+
+@pytest.mark.parametrize("name", ["tiny-mistral-v0.1", "tiny-mistral-v0.3"])
+def test_random_hf_checkpoint_loads_offline_with_the_real_tokenizer(name, tmp_path):
+    from clinmega.models.hf_checkpoint import save_random_hf_checkpoint
+
+    cfg = PRESETS[name]
+    save_random_hf_checkpoint(cfg, tmp_path, seed=3)
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    assert len(tok) == cfg.vocab_size
+    ids = tok("The patient has a fever.")["input_ids"]
+    assert ids[0] == 1 and len(ids) > 3
+    assert from_hf_config(tmp_path, name=name) == cfg
+    assert sum(p.numel() for p in model.parameters()) == count_parameters(cfg)
