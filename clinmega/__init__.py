@@ -1,0 +1,1 @@
+"""clinmega: continuous pretraining, instruct tuning and evaluation of Mistral/Mixtral for clinical work on megatron-core."""

@@ -1,0 +1,1 @@
+"""Data preparation: pretraining corpora (indexed datasets, blends), SFT (templates, masks, packing), decontamination."""

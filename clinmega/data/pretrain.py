@@ -1,0 +1,230 @@
+"""``prepare pretrain``: JSONL/JSONL.gz/Parquet text -> megatron-core indexed dataset (``.bin``/``.idx``).
+
+Each document becomes one sequence ``[BOS] ids [EOD]`` (BOS optional, on by default because Mistral
+models always see BOS at a document start; EOD is the tokenizer's EOS) in the smallest dtype that holds
+the vocabulary (``DType.optimal_dtype``: uint16 for Mistral). Chunks of the inputs are tokenized in
+parallel worker processes, each writing a shard with megatron-core's ``IndexedDatasetBuilder``; the
+shards are concatenated in input order, so the output is identical for any number of workers.
+
+Outputs, published only when complete: ``<prefix>.bin``, ``<prefix>.idx`` and, last, the completion
+marker ``<prefix>.manifest.json`` (per-file counts, skip reasons with file:line examples, tokenizer
+identity). A killed run leaves only ``.<name>.tmp-*`` scratch, which no reader looks at.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from clinmega.data.atomic import staging_dir, write_json_atomic
+from clinmega.data.manifest import FileStats, build_manifest
+from clinmega.data.parallel import run_parallel
+from clinmega.data.readers import Chunk, expand_inputs, iter_records, plan_chunks
+from clinmega.data.tokenizers import Tokenizer, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PretrainPrepConfig:
+    """Options of ``prepare pretrain`` (embeddable in a recipe)."""
+
+    inputs: list[str] = field(default_factory=list)  # paths or globs
+    output_prefix: str = ""  # writes <prefix>.bin/.idx/.manifest.json
+    tokenizer: str = "mistral-v1"
+    tokenizer_backend: str = "auto"
+    text_field: str = "text"  # dotted keys allowed (meta.text)
+    add_bos: bool = True
+    max_tokens: int | None = None  # skip (reason too_long) documents with more ids than this
+    workers: int = 2
+    chunk_mb: int = 64
+    batch_docs: int = 1024
+    overwrite: bool = False
+    progress: bool = True
+
+
+def output_paths(prefix: str | os.PathLike[str]) -> dict[str, Path]:
+    """The three files a pretraining dataset consists of."""
+    p = os.fspath(prefix)
+    return {"bin": Path(p + ".bin"), "idx": Path(p + ".idx"), "manifest": Path(p + ".manifest.json")}
+
+
+def is_complete(prefix: str | os.PathLike[str]) -> bool:
+    """True when the dataset at ``prefix`` was fully written (its manifest, written last, exists)."""
+    return all(p.exists() for p in output_paths(prefix).values())
+
+
+@dataclass
+class _ChunkTask:
+    chunk: Chunk
+    shard_prefix: str
+    cfg: PretrainPrepConfig
+
+
+_TOKENIZERS: dict[tuple[str, str], Tokenizer] = {}
+
+
+def cached_tokenizer(spec: str, backend: str) -> Tokenizer:
+    """``load_tokenizer`` once per process (forked workers inherit the parent's instance)."""
+    key = (spec, backend)
+    if key not in _TOKENIZERS:
+        _TOKENIZERS[key] = load_tokenizer(spec, backend)
+    return _TOKENIZERS[key]
+
+
+def documents_to_sequences(
+    flat: np.ndarray, offsets: np.ndarray, bos_id: int | None, eod_id: int, dtype: type[np.number]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Insert ``bos_id`` (if not None) before and ``eod_id`` after each document of a flat batch.
+
+    Returns (tokens in ``dtype``, per-document output lengths). Raises if an id does not fit ``dtype``.
+    """
+    lengths = np.diff(offsets)
+    extra = 1 + (bos_id is not None)
+    out_lengths = lengths + extra
+    ends = np.cumsum(out_lengths)
+    starts = ends - out_lengths
+    if flat.size and int(flat.max()) > np.iinfo(dtype).max:
+        raise ValueError(f"token id {int(flat.max())} does not fit {np.dtype(dtype).name}")
+    out = np.empty(int(ends[-1]) if len(ends) else 0, dtype=dtype)
+    if bos_id is not None:
+        out[starts] = bos_id
+    out[ends - 1] = eod_id
+    shift = starts + (bos_id is not None) - offsets[:-1]
+    out[np.arange(flat.size) + np.repeat(shift, lengths)] = flat
+    return out, out_lengths
+
+
+def _append_sequences(builder: Any, tokens: np.ndarray, lengths: np.ndarray) -> None:
+    """Bulk form of ``IndexedDatasetBuilder.add_item`` + ``end_document`` per sequence (one document
+    per sequence, as megatron's preprocess_data writes without sentence splitting)."""
+    n0 = len(builder.sequence_lengths)
+    builder.data_file.write(tokens.tobytes(order="C"))
+    builder.sequence_lengths.extend(lengths.tolist())
+    builder.document_indices.extend(range(n0 + 1, n0 + 1 + len(lengths)))
+
+
+def _tokenize_chunk(task: _ChunkTask) -> tuple[FileStats, bool]:
+    """Worker: tokenize one chunk into the shard ``task.shard_prefix``. Returns (stats, wrote_any)."""
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    cfg = task.cfg
+    tok = cached_tokenizer(cfg.tokenizer, cfg.tokenizer_backend)
+    dtype = tok.token_dtype()
+    bos = tok.bos_id if cfg.add_bos else None
+    if cfg.add_bos and bos is None:
+        raise ValueError(f"tokenizer {cfg.tokenizer} has no BOS token; set add_bos false")
+    stats = FileStats(task.chunk.path)
+    builder = IndexedDatasetBuilder(task.shard_prefix + ".bin", dtype=dtype)
+    texts: list[str] = []
+    lines: list[int] = []
+    chars = 0
+
+    def flush() -> None:
+        flat, offsets = tok.encode_flat(texts)
+        if cfg.max_tokens is not None:
+            lengths = np.diff(offsets)
+            keep = lengths <= cfg.max_tokens
+            if not keep.all():
+                for i in np.flatnonzero(~keep):
+                    stats.skip(lines[i], "too_long", f"{int(lengths[i])} tokens > max_tokens {cfg.max_tokens}")
+                flat = flat[np.repeat(keep, lengths)]
+                offsets = np.concatenate([[0], np.cumsum(lengths[keep])])
+        tokens, out_lengths = documents_to_sequences(flat, offsets, bos, tok.eod_id, dtype)
+        _append_sequences(builder, tokens, out_lengths)
+        stats.documents_written += len(out_lengths)
+        stats.tokens += int(tokens.size)
+        texts.clear()
+        lines.clear()
+
+    for rec in iter_records(task.chunk, cfg.text_field):
+        stats.documents_read += 1
+        if rec.reason is not None:
+            stats.skip(rec.line, rec.reason, rec.detail)
+            continue
+        texts.append(rec.value)
+        lines.append(rec.line)
+        chars += len(rec.value)
+        if len(texts) >= cfg.batch_docs or chars >= (8 << 20):
+            flush()
+            chars = 0
+    if texts:
+        flush()
+    builder.finalize(task.shard_prefix + ".idx")
+    return stats, stats.documents_written > 0
+
+
+def _merge_file_stats(chunks: list[Chunk], results: list[FileStats], paths: list[Path]) -> list[FileStats]:
+    """Per-file stats with absolute line numbers from per-chunk stats (chunks are in file order)."""
+    files = [FileStats(str(p)) for p in paths]
+    for chunk, st in zip(chunks, results):
+        target = files[chunk.file_index]
+        target.merge(st, line_offset=target.documents_read)
+    return files
+
+
+def prepare_pretrain(cfg: PretrainPrepConfig) -> dict[str, Any]:
+    """Run ``prepare pretrain``; returns the manifest (also written to ``<prefix>.manifest.json``)."""
+    if not cfg.output_prefix:
+        raise ValueError("output_prefix is required")
+    outs = output_paths(cfg.output_prefix)
+    if any(p.exists() for p in outs.values()) and not cfg.overwrite:
+        raise FileExistsError(
+            f"{cfg.output_prefix}: output exists ({', '.join(p.name for p in outs.values() if p.exists())}); use overwrite"
+        )
+    paths = expand_inputs(cfg.inputs)
+    tok = cached_tokenizer(cfg.tokenizer, cfg.tokenizer_backend)  # load (and validate) before forking
+    total_bytes = sum(p.stat().st_size for p in paths)
+    chunk_bytes = int(min(cfg.chunk_mb << 20, max(1 << 20, total_bytes // max(4 * cfg.workers, 1))))
+    chunks = plan_chunks(paths, chunk_bytes)
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    t0 = time.perf_counter()
+    with staging_dir(outs["bin"]) as tmp:
+        tasks = [_ChunkTask(c, str(tmp / f"shard_{c.index:06d}"), cfg) for c in chunks]
+        results = run_parallel(
+            _tokenize_chunk,
+            tasks,
+            cfg.workers,
+            description=f"tokenize {len(paths)} file(s)",
+            weights=[c.size for c in chunks],
+            progress=cfg.progress,
+        )
+        t_tok = time.perf_counter() - t0
+        builder = IndexedDatasetBuilder(str(tmp / "merged.bin"), dtype=tok.token_dtype())
+        for task, (_, wrote) in zip(tasks, results):
+            if wrote:
+                builder.add_index(task.shard_prefix)
+            for ext in (".bin", ".idx"):
+                Path(task.shard_prefix + ext).unlink(missing_ok=True)
+        builder.finalize(str(tmp / "merged.idx"))
+        files = _merge_file_stats(chunks, [r[0] for r in results], paths)
+        elapsed = time.perf_counter() - t0
+        manifest = build_manifest(
+            "prepare-pretrain",
+            cfg,
+            files,
+            tokenizer=tok.identity(),
+            output={
+                "prefix": os.fspath(cfg.output_prefix),
+                "dtype": np.dtype(tok.token_dtype()).name,
+                "bos_written": cfg.add_bos,
+                "eod_id": tok.eod_id,
+                "sequences": len(builder.sequence_lengths),
+            },
+            timing={"seconds": round(elapsed, 3), "tokenize_seconds": round(t_tok, 3)},
+        )
+        outs["manifest"].unlink(missing_ok=True)  # the old marker goes first: never a stale "complete"
+        os.replace(tmp / "merged.bin", outs["bin"])
+        os.replace(tmp / "merged.idx", outs["idx"])
+        write_json_atomic(outs["manifest"], manifest)
+    for f in files:
+        for msg in f.messages()[:5]:
+            log.warning("skipped %s", msg)
+    return manifest
