@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from clinmega.data.atomic import staging_dir, write_json_atomic
+from clinmega.data.indexed import append_sequences, finish, merge_shards, new_builder
 from clinmega.data.manifest import FileStats, build_manifest
 from clinmega.data.parallel import run_parallel
 from clinmega.data.readers import Chunk, expand_inputs, iter_records, plan_chunks
@@ -101,19 +102,8 @@ def documents_to_sequences(
     return out, out_lengths
 
 
-def _append_sequences(builder: Any, tokens: np.ndarray, lengths: np.ndarray) -> None:
-    """Bulk form of ``IndexedDatasetBuilder.add_item`` + ``end_document`` per sequence (one document
-    per sequence, as megatron's preprocess_data writes without sentence splitting)."""
-    n0 = len(builder.sequence_lengths)
-    builder.data_file.write(tokens.tobytes(order="C"))
-    builder.sequence_lengths.extend(lengths.tolist())
-    builder.document_indices.extend(range(n0 + 1, n0 + 1 + len(lengths)))
-
-
-def _tokenize_chunk(task: _ChunkTask) -> tuple[FileStats, bool]:
-    """Worker: tokenize one chunk into the shard ``task.shard_prefix``. Returns (stats, wrote_any)."""
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-
+def _tokenize_chunk(task: _ChunkTask) -> FileStats:
+    """Worker: tokenize one chunk into the shard ``task.shard_prefix``."""
     cfg = task.cfg
     tok = cached_tokenizer(cfg.tokenizer, cfg.tokenizer_backend)
     dtype = tok.token_dtype()
@@ -121,7 +111,7 @@ def _tokenize_chunk(task: _ChunkTask) -> tuple[FileStats, bool]:
     if cfg.add_bos and bos is None:
         raise ValueError(f"tokenizer {cfg.tokenizer} has no BOS token; set add_bos false")
     stats = FileStats(task.chunk.path)
-    builder = IndexedDatasetBuilder(task.shard_prefix + ".bin", dtype=dtype)
+    builder = new_builder(task.shard_prefix, dtype)
     texts: list[str] = []
     lines: list[int] = []
     chars = 0
@@ -137,7 +127,7 @@ def _tokenize_chunk(task: _ChunkTask) -> tuple[FileStats, bool]:
                 flat = flat[np.repeat(keep, lengths)]
                 offsets = np.concatenate([[0], np.cumsum(lengths[keep])])
         tokens, out_lengths = documents_to_sequences(flat, offsets, bos, tok.eod_id, dtype)
-        _append_sequences(builder, tokens, out_lengths)
+        append_sequences(builder, tokens, out_lengths)
         stats.documents_written += len(out_lengths)
         stats.tokens += int(tokens.size)
         texts.clear()
@@ -156,8 +146,8 @@ def _tokenize_chunk(task: _ChunkTask) -> tuple[FileStats, bool]:
             chars = 0
     if texts:
         flush()
-    builder.finalize(task.shard_prefix + ".idx")
-    return stats, stats.documents_written > 0
+    finish(builder, task.shard_prefix)
+    return stats
 
 
 def _merge_file_stats(chunks: list[Chunk], results: list[FileStats], paths: list[Path]) -> list[FileStats]:
@@ -183,8 +173,6 @@ def prepare_pretrain(cfg: PretrainPrepConfig) -> dict[str, Any]:
     total_bytes = sum(p.stat().st_size for p in paths)
     chunk_bytes = int(min(cfg.chunk_mb << 20, max(1 << 20, total_bytes // max(4 * cfg.workers, 1))))
     chunks = plan_chunks(paths, chunk_bytes)
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-
     t0 = time.perf_counter()
     with staging_dir(outs["bin"]) as tmp:
         tasks = [_ChunkTask(c, str(tmp / f"shard_{c.index:06d}"), cfg) for c in chunks]
@@ -197,14 +185,8 @@ def prepare_pretrain(cfg: PretrainPrepConfig) -> dict[str, Any]:
             progress=cfg.progress,
         )
         t_tok = time.perf_counter() - t0
-        builder = IndexedDatasetBuilder(str(tmp / "merged.bin"), dtype=tok.token_dtype())
-        for task, (_, wrote) in zip(tasks, results):
-            if wrote:
-                builder.add_index(task.shard_prefix)
-            for ext in (".bin", ".idx"):
-                Path(task.shard_prefix + ext).unlink(missing_ok=True)
-        builder.finalize(str(tmp / "merged.idx"))
-        files = _merge_file_stats(chunks, [r[0] for r in results], paths)
+        n_sequences = merge_shards([t.shard_prefix for t in tasks], tmp / "merged", tok.token_dtype())
+        files = _merge_file_stats(chunks, results, paths)
         elapsed = time.perf_counter() - t0
         manifest = build_manifest(
             "prepare-pretrain",
@@ -216,7 +198,7 @@ def prepare_pretrain(cfg: PretrainPrepConfig) -> dict[str, Any]:
                 "dtype": np.dtype(tok.token_dtype()).name,
                 "bos_written": cfg.add_bos,
                 "eod_id": tok.eod_id,
-                "sequences": len(builder.sequence_lengths),
+                "sequences": n_sequences,
             },
             timing={"seconds": round(elapsed, 3), "tokenize_seconds": round(t_tok, 3)},
         )

@@ -1,0 +1,56 @@
+"""Writing megatron-core indexed datasets (``.bin``/``.idx``) from parallel shards.
+
+Workers each write a shard with ``IndexedDatasetBuilder``; ``merge_shards`` concatenates them in task
+order with ``IndexedDatasetBuilder.add_index`` so the result does not depend on the worker count. One
+sequence is one document (as megatron's ``preprocess_data`` writes without sentence splitting), which is
+what ``GPTDataset`` samples from.
+
+megatron-core is imported at module level on purpose: workers are forked after this import, so they
+do not pay for importing torch + megatron again.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder, _IndexReader
+
+
+def new_builder(prefix: str | Path, dtype: type[np.number]) -> Any:
+    """An ``IndexedDatasetBuilder`` writing ``<prefix>.bin`` (finish with ``finish(builder, prefix)``)."""
+    return IndexedDatasetBuilder(f"{prefix}.bin", dtype=dtype)
+
+
+def append_sequences(builder: Any, tokens: np.ndarray, lengths: np.ndarray) -> None:
+    """Bulk form of ``add_item`` + ``end_document`` for each of ``len(lengths)`` sequences laid out
+    back to back in ``tokens`` (already in the builder's dtype)."""
+    if tokens.dtype != np.dtype(builder.dtype):
+        raise TypeError(f"tokens are {tokens.dtype}, builder writes {np.dtype(builder.dtype)}")
+    n0 = len(builder.sequence_lengths)
+    builder.data_file.write(tokens.tobytes(order="C"))
+    builder.sequence_lengths.extend(lengths.tolist())
+    builder.document_indices.extend(range(n0 + 1, n0 + 1 + len(lengths)))
+
+
+def finish(builder: Any, prefix: str | Path) -> None:
+    """Close the ``.bin`` and write ``<prefix>.idx``."""
+    builder.finalize(f"{prefix}.idx")
+
+
+def merge_shards(shards: Sequence[str | Path], prefix: str | Path, dtype: type[np.number]) -> int:
+    """Concatenate shard datasets (in the given order) into ``<prefix>.bin/.idx``, deleting each shard
+    once copied. Shards with no sequences are skipped. Returns the number of sequences written."""
+    builder = new_builder(prefix, dtype)
+    for shard in shards:
+        if _num_sequences(shard):
+            builder.add_index(str(shard))
+        for ext in (".bin", ".idx"):
+            Path(f"{shard}{ext}").unlink(missing_ok=True)
+    finish(builder, prefix)
+    return len(builder.sequence_lengths)
+
+
+def _num_sequences(prefix: str | Path) -> int:
+    return len(_IndexReader(f"{prefix}.idx", multimodal=False))
