@@ -23,7 +23,7 @@ import json
 import os
 import re
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, Sequence
 
@@ -145,7 +145,8 @@ class Tokenizer:
 
     ``eod_id`` is appended after every pretraining document and ends every assistant turn
     (it is the model's EOS). ``hf`` holds the ``transformers`` tokenizer for HF specs (used for
-    ``apply_chat_template``), else None. ``template`` names the Mistral instruct template version
+    ``apply_chat_template``), else None. ``special_ids`` maps control/added tokens (``[INST]``) to ids.
+    ``template`` names the Mistral instruct template version
     (``v1``/``v3``) when the tokenizer is a Mistral SentencePiece model, else None.
     """
 
@@ -157,6 +158,7 @@ class Tokenizer:
     bos_id: int | None
     eod_id: int
     backend: _Backend
+    special_ids: dict[str, int] = field(default_factory=dict)  # control / special token -> id
     hf: Any = None
     template: str | None = None
     _sha: str | None = None
@@ -238,6 +240,7 @@ def _load_sentencepiece(name: str, path: Path, backend: str) -> Tokenizer:
         bos_id=sp.bos_id() if sp.bos_id() >= 0 else None,
         eod_id=sp.eos_id(),
         backend=chosen,
+        special_ids={sp.id_to_piece(i): i for i in range(sp.get_piece_size()) if sp.IsControl(i)},
         template=template,
     )
 
@@ -260,6 +263,7 @@ def _load_hf(path: Path) -> Tokenizer:
         bos_id=hf.bos_token_id,
         eod_id=hf.eos_token_id,
         backend=_HFBackend(hf),
+        special_ids={t: i for t, i in hf.get_added_vocab().items()},
         hf=hf,
     )
 
