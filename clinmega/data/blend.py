@@ -17,38 +17,15 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from clinmega.data.config import BlendConfig
 from clinmega.data.pretrain import is_complete, output_paths
 
 SPLITS = ("train", "valid", "test")
-
-
-@dataclass
-class BlendSource:
-    """One prepared dataset (``prepare pretrain`` output prefix) in a blend."""
-
-    name: str
-    prefix: str
-    weight: float | None = None
-    tokens: int | None = None  # train-token budget
-
-
-@dataclass
-class BlendConfig:
-    """Options of a blend (embeddable in a recipe)."""
-
-    sources: list[BlendSource] = field(default_factory=list)
-    seq_length: int = 4096
-    seed: int = 1234
-    split: str = "98,1,1"
-    train_samples: int | None = None
-    valid_samples: int = 0
-    test_samples: int = 0
-    cache_dir: str | None = None  # where megatron-core caches sample indices (None: <prefix>/cache/)
 
 
 @dataclass
@@ -151,7 +128,9 @@ def _report(cfg: BlendConfig, weights: list[float], splits: dict[str, Any]) -> d
 
 def build_blend(cfg: BlendConfig) -> Blend:
     """Build train/valid/test blended GPT datasets and the per-source report (weights, epochs)."""
-    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.blended_megatron_dataset_builder import (
+        BlendedMegatronDatasetBuilder,
+    )
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
     weights, train_samples = _weights_and_samples(cfg)

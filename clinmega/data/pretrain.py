@@ -16,13 +16,14 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from clinmega.data.atomic import staging_dir, write_json_atomic
+from clinmega.data.config import PretrainPrepConfig
 from clinmega.data.indexed import append_sequences, finish, merge_shards, new_builder
 from clinmega.data.manifest import FileStats, build_manifest
 from clinmega.data.parallel import run_parallel
@@ -30,24 +31,6 @@ from clinmega.data.readers import Chunk, expand_inputs, iter_records, plan_chunk
 from clinmega.data.tokenizers import Tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class PretrainPrepConfig:
-    """Options of ``prepare pretrain`` (embeddable in a recipe)."""
-
-    inputs: list[str] = field(default_factory=list)  # paths or globs
-    output_prefix: str = ""  # writes <prefix>.bin/.idx/.manifest.json
-    tokenizer: str = "mistral-v1"
-    tokenizer_backend: str = "auto"
-    text_field: str = "text"  # dotted keys allowed (meta.text)
-    add_bos: bool = True
-    max_tokens: int | None = None  # skip (reason too_long) documents with more ids than this
-    workers: int = 2
-    chunk_mb: int = 64
-    batch_docs: int = 1024
-    overwrite: bool = False
-    progress: bool = True
 
 
 def output_paths(prefix: str | os.PathLike[str]) -> dict[str, Path]:
@@ -170,9 +153,7 @@ def prepare_pretrain(cfg: PretrainPrepConfig) -> dict[str, Any]:
         )
     paths = expand_inputs(cfg.inputs)
     tok = cached_tokenizer(cfg.tokenizer, cfg.tokenizer_backend)  # load (and validate) before forking
-    total_bytes = sum(p.stat().st_size for p in paths)
-    chunk_bytes = int(min(cfg.chunk_mb << 20, max(1 << 20, total_bytes // max(4 * cfg.workers, 1))))
-    chunks = plan_chunks(paths, chunk_bytes)
+    chunks = plan_chunks(paths, cfg.workers, cfg.chunk_mb)
     t0 = time.perf_counter()
     with staging_dir(outs["bin"]) as tmp:
         tasks = [_ChunkTask(c, str(tmp / f"shard_{c.index:06d}"), cfg) for c in chunks]

@@ -82,8 +82,11 @@ def detect_format(path: str | os.PathLike[str]) -> str:
     raise ValueError(f"{path}: unsupported input format (expected .jsonl/.json/.ndjson[.gz] or .parquet)")
 
 
-def plan_chunks(paths: Sequence[Path], chunk_bytes: int = 64 << 20) -> list[Chunk]:
-    """Split inputs into chunks of about ``chunk_bytes`` (see module doc)."""
+def plan_chunks(paths: Sequence[Path], workers: int, max_chunk_mb: float = 64.0) -> list[Chunk]:
+    """Split inputs into chunks (see module doc) of about a quarter of the input per worker, at least
+    1 MiB and at most ``max_chunk_mb`` MiB, so all workers stay busy and memory per task is bounded."""
+    total = sum(os.path.getsize(p) for p in paths)
+    chunk_bytes = max(1, int(min(max_chunk_mb * (1 << 20), max(1 << 20, total // max(4 * workers, 1)))))
     chunks: list[Chunk] = []
     for fi, path in enumerate(paths):
         fmt = detect_format(path)
@@ -117,7 +120,8 @@ def get_field(obj: Any, key: str) -> Any:
     return obj
 
 
-def _jsonl_lines(chunk: Chunk) -> Iterator[bytes]:
+def iter_lines(chunk: Chunk) -> Iterator[bytes]:
+    """Raw lines (with their newline) of a JSONL/JSONL.gz chunk."""
     if chunk.fmt == "jsonl.gz":
         with gzip.open(chunk.path, "rb") as f:
             yield from f
@@ -136,8 +140,8 @@ def _jsonl_lines(chunk: Chunk) -> Iterator[bytes]:
             yield line
 
 
-def _parse_line(raw: bytes) -> tuple[Any, str | None, str]:
-    """(object, reason, detail) for one JSONL line."""
+def parse_line(raw: bytes) -> tuple[Any, str | None, str]:
+    """(object, reason, detail) for one raw JSONL line; reason is None when it parsed."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -158,8 +162,8 @@ def iter_objects(chunk: Chunk, columns: Sequence[str] | None = None) -> Iterator
     if chunk.fmt == "parquet":
         yield from _parquet_rows(chunk, columns)
         return
-    for line_no, raw in enumerate(_jsonl_lines(chunk), start=1):
-        obj, reason, detail = _parse_line(raw)
+    for line_no, raw in enumerate(iter_lines(chunk), start=1):
+        obj, reason, detail = parse_line(raw)
         if reason is None and not isinstance(obj, dict):
             obj, reason, detail = None, "not_an_object", f"got {type(obj).__name__}"
         yield Record(line_no, obj, reason, detail)

@@ -34,47 +34,29 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from clinmega.data.atomic import publish_dir, staging_dir, write_json_atomic
+from clinmega.data.config import TEMPLATES, TRUNCATION, SFTPrepConfig
 from clinmega.data.indexed import append_sequences, finish, merge_shards, new_builder
 from clinmega.data.manifest import FileStats, build_manifest
 from clinmega.data.packing import pack_ffd, packing_report
 from clinmega.data.parallel import run_parallel
 from clinmega.data.pretrain import cached_tokenizer
-from clinmega.data.readers import Chunk, expand_inputs, get_field, iter_objects, plan_chunks
+from clinmega.data.readers import (
+    Chunk,
+    expand_inputs,
+    get_field,
+    iter_objects,
+    plan_chunks,
+)
 from clinmega.data.tokenizers import Tokenizer
 
 ROLES = ("system", "user", "assistant")
-TEMPLATES = ("auto", "mistral-v1", "mistral-v3", "chat-template")
-TRUNCATION = ("truncate", "drop")
-
-
-@dataclass
-class SFTPrepConfig:
-    """Options of ``prepare sft`` (embeddable in a recipe)."""
-
-    inputs: list[str] = field(default_factory=list)
-    output_dir: str = ""
-    tokenizer: str = "mistral-v1"
-    tokenizer_backend: str = "auto"
-    template: str = "auto"
-    messages_field: str = "messages"
-    input_field: str = "input"
-    output_field: str = "output"
-    instruction_field: str = "instruction"
-    system_field: str = "system"
-    seq_length: int = 4096
-    truncation: str = "truncate"
-    pack: bool = True
-    workers: int = 2
-    chunk_mb: int = 64
-    overwrite: bool = False
-    progress: bool = True
 
 
 class ConversationError(ValueError):
@@ -287,9 +269,7 @@ def prepare_sft(cfg: SFTPrepConfig) -> dict[str, Any]:
     paths = expand_inputs(cfg.inputs)
     tok = cached_tokenizer(cfg.tokenizer, cfg.tokenizer_backend)
     template = make_template(cfg.template, tok)  # fail fast on a bad template before forking
-    total_bytes = sum(p.stat().st_size for p in paths)
-    chunk_bytes = int(min(cfg.chunk_mb << 20, max(1 << 20, total_bytes // max(4 * cfg.workers, 1))))
-    chunks = plan_chunks(paths, chunk_bytes)
+    chunks = plan_chunks(paths, cfg.workers, cfg.chunk_mb)
     t0 = time.perf_counter()
     with staging_dir(final) as tmp:
         out = tmp / "out"
