@@ -36,8 +36,8 @@ import numpy as np
 
 from clinmega.data.atomic import staging_dir, write_json_atomic
 from clinmega.data.config import DecontamConfig
-from clinmega.data.manifest import FileStats, build_manifest
-from clinmega.data.parallel import run_parallel
+from clinmega.data.manifest import FileStats, build_manifest, merge_chunk_stats
+from clinmega.data.parallel import run_chunk_tasks
 from clinmega.data.readers import (
     Chunk,
     expand_inputs,
@@ -238,20 +238,11 @@ def decontaminate(cfg: DecontamConfig) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     with staging_dir(manifest_path) as tmp:
         tasks = [_Task(c, str(tmp / f"part_{c.index:06d}") if cfg.mode == "remove" else None, cfg) for c in chunks]
-        results = run_parallel(
-            _scan_chunk,
-            tasks,
-            cfg.workers,
-            description="decontaminate",
-            weights=[c.size for c in chunks],
-            progress=cfg.progress,
-        )
-        files = [FileStats(str(p)) for p in paths]
+        results = run_chunk_tasks(_scan_chunk, tasks, cfg.workers, "decontaminate", cfg.progress)
+        files, offsets = merge_chunk_stats(paths, chunks, [r[0] for r in results])
         unchecked: list[dict[str, int]] = [{} for _ in paths]
         flagged_lines: list[str] = []
-        for chunk, (st, unch, flagged) in zip(chunks, results):
-            offset = files[chunk.file_index].documents_read
-            files[chunk.file_index].merge(st, line_offset=offset)
+        for chunk, offset, (_, unch, flagged) in zip(chunks, offsets, results):
             for k, v in unch.items():
                 unchecked[chunk.file_index][k] = unchecked[chunk.file_index].get(k, 0) + v
             flagged_lines += [json.dumps({"file": chunk.path, **f, "line": f["line"] + offset}) for f in flagged]

@@ -80,6 +80,18 @@ class FileStats:
         return [f"{self.path}:{e['line']}: {e['reason']} ({e['detail']})" for e in self.examples]
 
 
+def merge_chunk_stats(paths: list[Any], chunks: list[Any], stats: list[FileStats]) -> tuple[list[FileStats], list[int]]:
+    """Per-file stats from per-chunk stats (chunks in file order, as ``readers.plan_chunks`` makes them),
+    and each chunk's line offset in its file (to turn chunk-relative line numbers into absolute ones)."""
+    files = [FileStats(str(p)) for p in paths]
+    offsets = []
+    for chunk, st in zip(chunks, stats):
+        target = files[chunk.file_index]
+        offsets.append(target.documents_read)
+        target.merge(st, line_offset=target.documents_read)
+    return files, offsets
+
+
 def totals(files: list[FileStats]) -> dict[str, Any]:
     """Sum of the per-file counts."""
     skipped: dict[str, int] = {}

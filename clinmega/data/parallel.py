@@ -81,3 +81,11 @@ def run_parallel(
                 pool.shutdown(wait=True, cancel_futures=True)
                 raise
     return results  # type: ignore[return-value]
+
+
+def run_chunk_tasks(
+    fn: Callable[[T], R], tasks: Sequence[T], workers: int, description: str, progress: bool
+) -> list[R]:
+    """``run_parallel`` over tasks that each carry a ``chunk`` (readers.Chunk); progress is in input bytes."""
+    weights = [t.chunk.size for t in tasks]  # type: ignore[attr-defined]
+    return run_parallel(fn, tasks, workers, description=description, weights=weights, progress=progress)

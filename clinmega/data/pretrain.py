@@ -25,8 +25,8 @@ import numpy as np
 from clinmega.data.atomic import staging_dir, write_json_atomic
 from clinmega.data.config import PretrainPrepConfig
 from clinmega.data.indexed import append_sequences, finish, merge_shards, new_builder
-from clinmega.data.manifest import FileStats, build_manifest
-from clinmega.data.parallel import run_parallel
+from clinmega.data.manifest import FileStats, build_manifest, merge_chunk_stats
+from clinmega.data.parallel import run_chunk_tasks
 from clinmega.data.readers import Chunk, expand_inputs, iter_records, plan_chunks
 from clinmega.data.tokenizers import Tokenizer, load_tokenizer
 
@@ -133,15 +133,6 @@ def _tokenize_chunk(task: _ChunkTask) -> FileStats:
     return stats
 
 
-def _merge_file_stats(chunks: list[Chunk], results: list[FileStats], paths: list[Path]) -> list[FileStats]:
-    """Per-file stats with absolute line numbers from per-chunk stats (chunks are in file order)."""
-    files = [FileStats(str(p)) for p in paths]
-    for chunk, st in zip(chunks, results):
-        target = files[chunk.file_index]
-        target.merge(st, line_offset=target.documents_read)
-    return files
-
-
 def prepare_pretrain(cfg: PretrainPrepConfig) -> dict[str, Any]:
     """Run ``prepare pretrain``; returns the manifest (also written to ``<prefix>.manifest.json``)."""
     if not cfg.output_prefix:
@@ -157,17 +148,10 @@ def prepare_pretrain(cfg: PretrainPrepConfig) -> dict[str, Any]:
     t0 = time.perf_counter()
     with staging_dir(outs["bin"]) as tmp:
         tasks = [_ChunkTask(c, str(tmp / f"shard_{c.index:06d}"), cfg) for c in chunks]
-        results = run_parallel(
-            _tokenize_chunk,
-            tasks,
-            cfg.workers,
-            description=f"tokenize {len(paths)} file(s)",
-            weights=[c.size for c in chunks],
-            progress=cfg.progress,
-        )
+        results = run_chunk_tasks(_tokenize_chunk, tasks, cfg.workers, "tokenize", cfg.progress)
         t_tok = time.perf_counter() - t0
         n_sequences = merge_shards([t.shard_prefix for t in tasks], tmp / "merged", tok.token_dtype())
-        files = _merge_file_stats(chunks, results, paths)
+        files, _ = merge_chunk_stats(paths, chunks, results)
         elapsed = time.perf_counter() - t0
         manifest = build_manifest(
             "prepare-pretrain",

@@ -43,9 +43,9 @@ import numpy as np
 from clinmega.data.atomic import publish_dir, staging_dir, write_json_atomic
 from clinmega.data.config import TEMPLATES, TRUNCATION, SFTPrepConfig
 from clinmega.data.indexed import append_sequences, finish, merge_shards, new_builder
-from clinmega.data.manifest import FileStats, build_manifest
+from clinmega.data.manifest import FileStats, build_manifest, merge_chunk_stats
 from clinmega.data.packing import pack_ffd, packing_report
-from clinmega.data.parallel import run_parallel
+from clinmega.data.parallel import run_chunk_tasks
 from clinmega.data.pretrain import cached_tokenizer
 from clinmega.data.readers import (
     Chunk,
@@ -275,14 +275,7 @@ def prepare_sft(cfg: SFTPrepConfig) -> dict[str, Any]:
         out = tmp / "out"
         out.mkdir()
         tasks = [_Task(c, str(tmp / f"shard_{c.index:06d}"), cfg) for c in chunks]
-        results = run_parallel(
-            _sft_chunk,
-            tasks,
-            cfg.workers,
-            description="encode conversations",
-            weights=[c.size for c in chunks],
-            progress=cfg.progress,
-        )
+        results = run_chunk_tasks(_sft_chunk, tasks, cfg.workers, "encode conversations", cfg.progress)
         merge_shards([t.shard + ".tokens" for t in tasks], out / "tokens", tok.token_dtype())
         merge_shards([t.shard + ".mask" for t in tasks], out / "loss_mask", np.uint8)
         index = IndexedDataset(str(out / "tokens"))  # keep alive: its arrays are views of an mmap
@@ -293,9 +286,7 @@ def prepare_sft(cfg: SFTPrepConfig) -> dict[str, Any]:
         else:
             bin_offsets, sample_ids = np.arange(len(positions) + 1), np.arange(len(positions))
         np.savez(out / "packing.npz", bin_offsets=bin_offsets, sample_ids=sample_ids, seq_length=cfg.seq_length)
-        files = [FileStats(str(p)) for p in paths]
-        for chunk, (st, _) in zip(chunks, results):
-            files[chunk.file_index].merge(st, line_offset=files[chunk.file_index].documents_read)
+        files, _ = merge_chunk_stats(paths, chunks, [r[0] for r in results])
         manifest = build_manifest(
             "prepare-sft",
             cfg,
