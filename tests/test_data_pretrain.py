@@ -47,7 +47,7 @@ def test_round_trip_token_exact_all_formats_and_worker_invariant(tmp_path):
     for workers in (1, 2):
         cfg = PretrainPrepConfig(
             inputs=inputs, output_prefix=str(tmp_path / f"out{workers}"), text_field="meta.body",
-            workers=workers, chunk_mb=0.01, progress=False,
+            workers=workers, chunk_mb=0.05, progress=False,
         )
         m = prepare_pretrain(cfg)
         assert m["totals"]["documents_written"] == len(texts) and m["totals"]["documents_skipped"] == 0
