@@ -61,3 +61,11 @@ def merge_shards(shards: Sequence[str | Path], prefix: str | Path, dtype: type[n
             Path(f"{shard}{ext}").unlink(missing_ok=True)
     finish(builder, prefix)
     return len(builder.sequence_lengths)
+
+
+def sequence_lengths(prefix: str | Path) -> np.ndarray:
+    """Length of every sequence of the dataset at ``prefix`` (a copy; works for empty datasets too)."""
+    index = _IndexReader(f"{prefix}.idx", multimodal=False)
+    lengths = np.array(index.sequence_lengths, dtype=np.int64)
+    del index
+    return lengths

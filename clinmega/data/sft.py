@@ -42,7 +42,13 @@ import numpy as np
 
 from clinmega.data.atomic import publish_dir, staging_dir, write_json_atomic
 from clinmega.data.config import TEMPLATES, TRUNCATION, SFTPrepConfig
-from clinmega.data.indexed import append_sequences, finish, merge_shards, new_builder
+from clinmega.data.indexed import (
+    append_sequences,
+    finish,
+    merge_shards,
+    new_builder,
+    sequence_lengths,
+)
 from clinmega.data.manifest import FileStats, build_manifest, merge_chunk_stats
 from clinmega.data.packing import pack_ffd, packing_report
 from clinmega.data.parallel import run_chunk_tasks
@@ -257,8 +263,6 @@ def _sft_chunk(task: _Task) -> tuple[FileStats, int]:
 
 def prepare_sft(cfg: SFTPrepConfig) -> dict[str, Any]:
     """Run ``prepare sft``; returns the manifest (also ``<output_dir>/manifest.json``)."""
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-
     if not cfg.output_dir:
         raise ValueError("output_dir is required")
     if cfg.truncation not in TRUNCATION:
@@ -278,9 +282,7 @@ def prepare_sft(cfg: SFTPrepConfig) -> dict[str, Any]:
         results = run_chunk_tasks(_sft_chunk, tasks, cfg.workers, "encode conversations", cfg.progress)
         merge_shards([t.shard + ".tokens" for t in tasks], out / "tokens", tok.token_dtype())
         merge_shards([t.shard + ".mask" for t in tasks], out / "loss_mask", np.uint8)
-        index = IndexedDataset(str(out / "tokens"))  # keep alive: its arrays are views of an mmap
-        positions = index.sequence_lengths.astype(np.int64) - 1
-        del index
+        positions = sequence_lengths(out / "tokens") - 1
         if cfg.pack:
             bin_offsets, sample_ids = pack_ffd(positions, cfg.seq_length)
         else:
@@ -292,8 +294,7 @@ def prepare_sft(cfg: SFTPrepConfig) -> dict[str, Any]:
             cfg,
             files,
             tokenizer=tok.identity(),
-            template=type(template).__name__
-            + (f"-{template.version}" if isinstance(template, MistralTemplate) else ""),
+            template=template.name,
             format_version=1,
             truncated_samples=sum(r[1] for r in results),
             packing=packing_report(positions, bin_offsets, cfg.seq_length),

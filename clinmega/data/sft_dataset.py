@@ -42,6 +42,8 @@ class SFTDataset(Dataset):
         if not manifest_path.is_file():
             raise FileNotFoundError(f"{self.path}: not a complete prepare-sft output (no manifest.json)")
         self.manifest = json.loads(manifest_path.read_text())
+        if not self.manifest["totals"]["documents_written"]:
+            raise ValueError(f"{self.path}: prepare-sft wrote no samples (see manifest.json skip counts)")
         packing = np.load(self.path / "packing.npz")
         self.seq_length = int(packing["seq_length"])
         self.bin_offsets = packing["bin_offsets"].astype(np.int64)
