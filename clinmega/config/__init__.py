@@ -1,0 +1,16 @@
+"""Typed configuration: dataclass schemas, OmegaConf loading and dotlist overrides."""
+
+from clinmega.config.errors import ConfigError
+from clinmega.config.loader import load_config, to_yaml
+from clinmega.config.schema import (
+    FoundationConfig,
+    ModelConfig,
+    ParallelConfig,
+    PrecisionConfig,
+    RuntimeConfig,
+)
+
+__all__ = [
+    "ConfigError", "FoundationConfig", "ModelConfig", "ParallelConfig", "PrecisionConfig",
+    "RuntimeConfig", "load_config", "to_yaml",
+]

@@ -1,0 +1,1 @@
+"""Training: CPT/SFT loops on megatron-core (schedules, DDP, optimizer, checkpoints)."""

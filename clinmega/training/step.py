@@ -1,0 +1,90 @@
+"""One optimisation step's forward/backward over microbatches, through megatron-core's schedules.
+
+``forward_backward`` runs ``get_forward_backward_func()`` (no pipelining, 1F1B or interleaved,
+chosen by megatron-core from the parallel state) over a list of microbatches, with Megatron DDP
+doing the gradient reduction through ``finalize_model_grads``. Microbatches are dicts of
+``tokens, labels, loss_mask, position_ids`` and optionally ``attention_mask`` (bool, True = masked)
+and ``packed_seq_params``.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Iterable, Sequence
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.distributed import finalize_model_grads
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from clinmega.runtime import device
+
+
+def wrap_ddp(chunks: Sequence[torch.nn.Module], ddp_config: DistributedDataParallelConfig
+             ) -> list[DistributedDataParallel]:
+    """Megatron DDP around each model chunk; the schedule calls ``finalize_model_grads``."""
+    wrapped = []
+    for i, chunk in enumerate(chunks):
+        config = chunk.config
+        config.finalize_model_grads_func = finalize_model_grads
+        wrapped.append(DistributedDataParallel(config=config, ddp_config=ddp_config, module=chunk,
+                                               disable_bucketing=i > 0))
+    return wrapped
+
+
+def lm_loss(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+    """Next-token loss of one microbatch as (sum over unmasked tokens, token count, report).
+
+    megatron-core's schedule divides the sum by the count (and by the number of microbatches)
+    for the backward pass, or, with ``calculate_per_token_loss``, leaves the division to
+    ``finalize_model_grads`` over the whole global batch. The report is a detached copy: the
+    schedule rescales the returned tensor in place.
+    """
+    losses = output_tensor.float().view(-1)
+    mask = loss_mask.float().view(-1)
+    loss_sum = torch.sum(losses * mask)
+    num_tokens = mask.sum().to(torch.int)
+    report = torch.stack([loss_sum.detach().clone(), num_tokens.detach().float()])
+    return loss_sum, num_tokens, {"lm loss": report}
+
+
+def forward_step(data_iterator, model):
+    batch = next(data_iterator)
+    dev = device()
+    moved = {k: (v.to(dev, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+    output = model(moved["tokens"], moved["position_ids"], moved.get("attention_mask"),
+                   labels=moved["labels"], packed_seq_params=moved.get("packed_seq_params"))
+    return output, partial(lm_loss, moved["loss_mask"])
+
+
+def forward_backward(model: Sequence[torch.nn.Module], microbatches: Sequence[dict],
+                     forward_only: bool = False) -> float | None:
+    """Run the schedule over ``microbatches``; return the mean LM loss on every rank."""
+    first = microbatches[0]
+    seq_length, mbs = first["tokens"].shape[1], first["tokens"].shape[0]
+    if not forward_only:
+        for chunk in model:
+            if hasattr(chunk, "zero_grad_buffer"):
+                chunk.zero_grad_buffer()
+    vpp = len(model)
+    iterators: Iterable = ([iter(microbatches) for _ in range(vpp)] if vpp > 1
+                           else iter(microbatches))
+    losses = get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=iterators, model=list(model),
+        num_microbatches=len(microbatches), seq_length=seq_length, micro_batch_size=mbs,
+        forward_only=forward_only)
+    return reduce_loss(losses)
+
+
+def reduce_loss(losses: list[dict], key: str = "lm loss") -> float:
+    """Token-weighted mean loss over all microbatches and data-parallel ranks, on every rank."""
+    local = torch.zeros(2, dtype=torch.float64, device=device())
+    if losses and ps.is_pipeline_last_stage(ignore_virtual=True):
+        local += torch.stack([x[key].double() for x in losses]).sum(dim=0)
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        dist.all_reduce(local, group=ps.get_pipeline_model_parallel_group())
+    if ps.get_data_parallel_world_size() > 1:
+        dist.all_reduce(local, group=ps.get_data_parallel_group())
+    return float(local[0] / local[1].clamp(min=1))
