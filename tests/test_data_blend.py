@@ -18,8 +18,9 @@ def sources(tmp_path_factory):
     out = {}
     for name, n in (("clinical", 900), ("general", 500)):
         path = write_jsonl(root / f"{name}.jsonl", [{"text": f"{name} " + random_text(rng, 60)} for _ in range(n)])
-        prepare_pretrain(PretrainPrepConfig(inputs=[str(path)], output_prefix=str(root / name), workers=1,
-                                            progress=False))
+        prepare_pretrain(
+            PretrainPrepConfig(inputs=[str(path)], output_prefix=str(root / name), workers=1, progress=False)
+        )
         out[name] = str(root / name)
     out["cache"] = str(root / "cache")
     return out
@@ -32,9 +33,15 @@ def _cfg(paths, **kw):
 
 
 def test_weights_hold_within_two_percent_over_10k_samples(sources):
-    cfg = _cfg(sources, sources=[BlendSource("clinical", sources["clinical"], weight=0.8),
-                                 BlendSource("general", sources["general"], weight=0.2)],
-               train_samples=10_000, valid_samples=200)
+    cfg = _cfg(
+        sources,
+        sources=[
+            BlendSource("clinical", sources["clinical"], weight=0.8),
+            BlendSource("general", sources["general"], weight=0.2),
+        ],
+        train_samples=10_000,
+        valid_samples=200,
+    )
     blend = build_blend(cfg)
     assert len(blend.train) == 10_000
     counts = np.bincount([int(blend.train[i]["dataset_id"]) for i in range(10_000)], minlength=2)
@@ -47,8 +54,10 @@ def test_weights_hold_within_two_percent_over_10k_samples(sources):
 
 
 def test_same_seed_same_samples_other_seed_differs(sources):
-    srcs = [BlendSource("clinical", sources["clinical"], weight=0.5),
-            BlendSource("general", sources["general"], weight=0.5)]
+    srcs = [
+        BlendSource("clinical", sources["clinical"], weight=0.5),
+        BlendSource("general", sources["general"], weight=0.5),
+    ]
     a = build_blend(_cfg(sources, sources=srcs, train_samples=300))
     b = build_blend(_cfg(sources, sources=srcs, train_samples=300))
     c = build_blend(_cfg(sources, sources=srcs, train_samples=300, seed=99))
@@ -58,8 +67,15 @@ def test_same_seed_same_samples_other_seed_differs(sources):
 
 
 def test_token_budgets_set_weights_samples_and_epochs(sources):
-    blend = build_blend(_cfg(sources, sources=[BlendSource("clinical", sources["clinical"], tokens=96_000),
-                                               BlendSource("general", sources["general"], tokens=32_000)]))
+    blend = build_blend(
+        _cfg(
+            sources,
+            sources=[
+                BlendSource("clinical", sources["clinical"], tokens=96_000),
+                BlendSource("general", sources["general"], tokens=32_000),
+            ],
+        )
+    )
     train = blend.report["splits"]["train"]
     assert train["samples"] == 128_000 // 64
     rows = {r["source"]: r for r in train["sources"]}
@@ -83,5 +99,6 @@ def test_invalid_recipes_are_explained(sources, srcs, match):
 
 def test_incomplete_source_is_named(sources, tmp_path):
     with pytest.raises(FileNotFoundError, match="missing"):
-        build_blend(_cfg(sources, sources=[BlendSource("missing", str(tmp_path / "nope"), weight=1.0)],
-                         train_samples=10))
+        build_blend(
+            _cfg(sources, sources=[BlendSource("missing", str(tmp_path / "nope"), weight=1.0)], train_samples=10)
+        )

@@ -8,7 +8,12 @@ import pytest
 from data_utils import write_jsonl
 
 from clinmega.data.config import DecontamConfig
-from clinmega.data.decontam import build_eval_index, decontaminate, ngram_hashes, normalize_words
+from clinmega.data.decontam import (
+    build_eval_index,
+    decontaminate,
+    ngram_hashes,
+    normalize_words,
+)
 
 
 def _vocab(prefix, n=3000):
@@ -19,8 +24,14 @@ def _vocab(prefix, n=3000):
 def corpus(tmp_path):
     rng = random.Random(0)
     eval_words, train_words = _vocab("ev"), _vocab("tr")  # disjoint vocabularies
-    medqa = [{"question": " ".join(rng.choice(eval_words) for _ in range(40)),
-              "options": {"A": "aspirin", "B": "heparin"}, "answer_idx": "A"} for _ in range(50)]
+    medqa = [
+        {
+            "question": " ".join(rng.choice(eval_words) for _ in range(40)),
+            "options": {"A": "aspirin", "B": "heparin"},
+            "answer_idx": "A",
+        }
+        for _ in range(50)
+    ]
     medmcqa = [{"question": "short one", "opa": "x", "opb": "y"}]  # too short to check
     pubmedqa = [{"QUESTION": "q " * 3, "CONTEXTS": [" ".join(rng.choice(eval_words) for _ in range(60))]}]
     write_jsonl(tmp_path / "medqa.jsonl", medqa)
@@ -46,8 +57,16 @@ def corpus(tmp_path):
 
 def test_planted_overlaps_found_exactly_and_removed(corpus):
     root, train, planted = corpus
-    m = decontaminate(DecontamConfig(inputs=[str(train)], eval_sets=[str(root / "*qa.jsonl")],
-                                     output_dir=str(root / "clean"), workers=2, chunk_mb=0.02, progress=False))
+    m = decontaminate(
+        DecontamConfig(
+            inputs=[str(train)],
+            eval_sets=[str(root / "*qa.jsonl")],
+            output_dir=str(root / "clean"),
+            workers=2,
+            chunk_mb=0.02,
+            progress=False,
+        )
+    )
     flagged = [json.loads(x) for x in (root / "clean" / "flagged.jsonl").read_text().splitlines()]
     # the raw bad line was inserted at 0-based position 100, so documents after it shift by one line
     expected = {(doc_line + (doc_line > 100)): name for doc_line, name in planted.items()}
@@ -67,8 +86,16 @@ def test_report_mode_keeps_everything_and_no_false_positives_on_disjoint_text(co
     rng, words = random.Random(1), _vocab("tr")
     clean_docs = [{"text": " ".join(rng.choice(words) for _ in range(300))} for _ in range(300)]
     disjoint = write_jsonl(root / "disjoint.jsonl", clean_docs)
-    m = decontaminate(DecontamConfig(inputs=[str(disjoint)], eval_sets=[str(root / "medqa.jsonl")],
-                                     output_dir=str(root / "rep"), mode="report", workers=1, progress=False))
+    m = decontaminate(
+        DecontamConfig(
+            inputs=[str(disjoint)],
+            eval_sets=[str(root / "medqa.jsonl")],
+            output_dir=str(root / "rep"),
+            mode="report",
+            workers=1,
+            progress=False,
+        )
+    )
     assert m["documents_flagged"] == 0 and m["totals"]["documents_written"] == 300
     assert (root / "rep" / "flagged.jsonl").read_text() == ""
     assert not (root / "rep" / "disjoint.jsonl").exists()

@@ -50,16 +50,25 @@ def test_packed_equals_unpacked_per_token_loss(tmp_path, tiny_model):
             msgs.append({"role": "assistant", "content": "Consider pneumonia; " * rng.randrange(1, 3)})
         records.append({"messages": msgs})
     path = write_jsonl(tmp_path / "chat.jsonl", records)
-    prepare_sft(SFTPrepConfig(inputs=[str(path)], output_dir=str(tmp_path / "sft"), tokenizer="mistral-v1",
-                              seq_length=S, workers=1, progress=False))
+    prepare_sft(
+        SFTPrepConfig(
+            inputs=[str(path)],
+            output_dir=str(tmp_path / "sft"),
+            tokenizer="mistral-v1",
+            seq_length=S,
+            workers=1,
+            progress=False,
+        )
+    )
     ds = SFTDataset(tmp_path / "sft")
     multi = [b for b in range(len(ds)) if ds.bin_offsets[b + 1] - ds.bin_offsets[b] >= 3]
     assert multi, "expected bins holding several samples"
     checked = 0
     for b in multi[:2]:
         batch = collate_packed([ds[b]], attention_mask=True)
-        packed = _per_token_loss(tiny_model, batch["tokens"], batch["position_ids"], batch["attention_mask"],
-                                 batch["labels"])[0]
+        packed = _per_token_loss(
+            tiny_model, batch["tokens"], batch["position_ids"], batch["attention_mask"], batch["labels"]
+        )[0]
         cu = ds[b]["cu_seqlens"].tolist()
         for k, i in enumerate(ds.sample_ids[ds.bin_offsets[b] : ds.bin_offsets[b + 1]]):
             start, end = cu[k], cu[k + 1]
@@ -67,8 +76,7 @@ def test_packed_equals_unpacked_per_token_loss(tmp_path, tiny_model):
             n = end - start
             tokens = item["tokens"][start:end][None]
             labels = item["labels"][start:end][None]
-            alone = _per_token_loss(tiny_model, tokens, torch.arange(n)[None], block_causal_mask([0, n], n),
-                                    labels)[0]
+            alone = _per_token_loss(tiny_model, tokens, torch.arange(n)[None], block_causal_mask([0, n], n), labels)[0]
             lm = item["loss_mask"][start:end] > 0
             assert lm.any()
             diff = (packed[start:end][lm] - alone[lm]).abs().max().item()
@@ -80,7 +88,8 @@ def test_packed_equals_unpacked_per_token_loss(tmp_path, tiny_model):
     batch = collate_packed([ds[b]], attention_mask=True)
     causal = block_causal_mask([0, S], S)
     leaky = _per_token_loss(tiny_model, batch["tokens"], batch["position_ids"], causal, batch["labels"])[0]
-    packed = _per_token_loss(tiny_model, batch["tokens"], batch["position_ids"], batch["attention_mask"],
-                             batch["labels"])[0]
+    packed = _per_token_loss(
+        tiny_model, batch["tokens"], batch["position_ids"], batch["attention_mask"], batch["labels"]
+    )[0]
     later = batch["loss_mask"][0].bool() & (torch.arange(S) >= ds[b]["cu_seqlens"][1])
     assert (leaky[later] - packed[later]).abs().max().item() > 1e-3

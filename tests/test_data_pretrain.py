@@ -46,8 +46,12 @@ def test_round_trip_token_exact_all_formats_and_worker_invariant(tmp_path):
     outs = {}
     for workers in (1, 2):
         cfg = PretrainPrepConfig(
-            inputs=inputs, output_prefix=str(tmp_path / f"out{workers}"), text_field="meta.body",
-            workers=workers, chunk_mb=0.05, progress=False,
+            inputs=inputs,
+            output_prefix=str(tmp_path / f"out{workers}"),
+            text_field="meta.body",
+            workers=workers,
+            chunk_mb=0.05,
+            progress=False,
         )
         m = prepare_pretrain(cfg)
         assert m["totals"]["documents_written"] == len(texts) and m["totals"]["documents_skipped"] == 0
@@ -64,8 +68,15 @@ def test_round_trip_token_exact_all_formats_and_worker_invariant(tmp_path):
 
 def test_no_bos_option(tmp_path):
     write_jsonl(tmp_path / "a.jsonl", [{"text": "hello world"}])
-    prepare_pretrain(PretrainPrepConfig(inputs=[str(tmp_path / "a.jsonl")], output_prefix=str(tmp_path / "o"),
-                                        add_bos=False, workers=1, progress=False))
+    prepare_pretrain(
+        PretrainPrepConfig(
+            inputs=[str(tmp_path / "a.jsonl")],
+            output_prefix=str(tmp_path / "o"),
+            add_bos=False,
+            workers=1,
+            progress=False,
+        )
+    )
     assert _read_all(tmp_path / "o") == [sp_reference("mistral-v1").encode("hello world") + [2]]
 
 
@@ -74,10 +85,20 @@ def test_gpt_dataset_reads_prepared_data(tmp_path):
     from clinmega.data.config import BlendConfig, BlendSource
 
     write_jsonl(tmp_path / "a.jsonl", [{"text": t} for t in _corpus(tmp_path, 300)])
-    prepare_pretrain(PretrainPrepConfig(inputs=[str(tmp_path / "a.jsonl")], output_prefix=str(tmp_path / "d"),
-                                        workers=1, progress=False))
-    blend = build_blend(BlendConfig(sources=[BlendSource("only", str(tmp_path / "d"), weight=1.0)], seq_length=32,
-                                    train_samples=50, split="100,0,0", cache_dir=str(tmp_path / "cache")))
+    prepare_pretrain(
+        PretrainPrepConfig(
+            inputs=[str(tmp_path / "a.jsonl")], output_prefix=str(tmp_path / "d"), workers=1, progress=False
+        )
+    )
+    blend = build_blend(
+        BlendConfig(
+            sources=[BlendSource("only", str(tmp_path / "d"), weight=1.0)],
+            seq_length=32,
+            train_samples=50,
+            split="100,0,0",
+            cache_dir=str(tmp_path / "cache"),
+        )
+    )
     sample = blend.train[3]
     assert sample["tokens"].shape == (32,) and sample["labels"].shape == (32,)
     assert sample["tokens"][1:].tolist() == sample["labels"][:-1].tolist()
@@ -97,16 +118,32 @@ BAD = {
     15: b'{"text": "caf\xe9"}\n',
     17: b'{"text": "lone \\ud800 surrogate"}\n',
 }
-REASONS = {2: "malformed_json", 5: "blank_line", 7: "missing_field", 9: "empty", 11: "wrong_type",
-           13: "not_an_object", 15: "non_utf8", 17: "non_utf8"}
+REASONS = {
+    2: "malformed_json",
+    5: "blank_line",
+    7: "missing_field",
+    9: "empty",
+    11: "wrong_type",
+    13: "not_an_object",
+    15: "non_utf8",
+    17: "non_utf8",
+}
 
 
 def test_every_bad_input_kind_is_counted_with_file_and_line(tmp_path):
     rng = random.Random(3)
     good = [random_text(rng, 30) for _ in range(3000)] + ["word " * 900]  # last one is too long
     path = write_jsonl(tmp_path / "bad.jsonl", [{"text": t} for t in good], raw_lines=BAD)
-    m = prepare_pretrain(PretrainPrepConfig(inputs=[str(path)], output_prefix=str(tmp_path / "o"), max_tokens=500,
-                                            workers=2, chunk_mb=0.02, progress=False))
+    m = prepare_pretrain(
+        PretrainPrepConfig(
+            inputs=[str(path)],
+            output_prefix=str(tmp_path / "o"),
+            max_tokens=500,
+            workers=2,
+            chunk_mb=0.02,
+            progress=False,
+        )
+    )
     f = m["files"][0]
     expected = {}
     for r in REASONS.values():
@@ -134,8 +171,11 @@ def test_failure_midway_leaves_nothing_complete_looking(tmp_path, monkeypatch):
 
     monkeypatch.setattr(pretrain, "documents_to_sequences", flaky)
     with pytest.raises(KeyboardInterrupt):
-        prepare_pretrain(PretrainPrepConfig(inputs=[str(path)], output_prefix=str(tmp_path / "o"), batch_docs=100,
-                                            workers=1, progress=False))
+        prepare_pretrain(
+            PretrainPrepConfig(
+                inputs=[str(path)], output_prefix=str(tmp_path / "o"), batch_docs=100, workers=1, progress=False
+            )
+        )
     assert not any(p.exists() for p in output_paths(tmp_path / "o").values())
     assert sorted(os.listdir(tmp_path)) == ["a.jsonl"]  # scratch cleaned up too
 
@@ -191,5 +231,8 @@ def test_refuses_to_overwrite_without_flag(tmp_path):
 
 def test_missing_input_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="nothing-here"):
-        prepare_pretrain(PretrainPrepConfig(inputs=[str(tmp_path / "nothing-here*.jsonl")],
-                                            output_prefix=str(tmp_path / "o"), progress=False))
+        prepare_pretrain(
+            PretrainPrepConfig(
+                inputs=[str(tmp_path / "nothing-here*.jsonl")], output_prefix=str(tmp_path / "o"), progress=False
+            )
+        )

@@ -68,8 +68,9 @@ def test_template_token_exact_and_loss_only_on_assistant(name, n_messages):
     assert ids == reference
     # the masked-in tokens are exactly each assistant turn as mistral-common encodes it, + EOS
     inner = mt.instruct_tokenizer
-    expected_spans = [inner.encode_assistant_message(_assistant(m), False)
-                      for m in messages if m["role"] == "assistant"]
+    expected_spans = [
+        inner.encode_assistant_message(_assistant(m), False) for m in messages if m["role"] == "assistant"
+    ]
     ids_arr, mask_arr = np.array(ids), np.array(mask)
     spans = np.split(ids_arr, np.flatnonzero(np.diff(mask_arr)) + 1)
     kept = [s.tolist() for s, first in zip(spans, _span_starts(mask_arr)) if mask_arr[first] == 1]
@@ -120,8 +121,17 @@ def _chat_file(tmp_path, n=120, seed=0):
 
 def test_prepare_sft_end_to_end_dataset_contract(tmp_path):
     path = _chat_file(tmp_path)
-    m = prepare_sft(SFTPrepConfig(inputs=[str(path)], output_dir=str(tmp_path / "sft"), tokenizer="mistral-v3",
-                                  seq_length=256, workers=2, chunk_mb=0.005, progress=False))
+    m = prepare_sft(
+        SFTPrepConfig(
+            inputs=[str(path)],
+            output_dir=str(tmp_path / "sft"),
+            tokenizer="mistral-v3",
+            seq_length=256,
+            workers=2,
+            chunk_mb=0.005,
+            progress=False,
+        )
+    )
     assert m["files"][0]["skipped"] == {"malformed_json": 1, "empty": 1}
     assert {(e["line"], e["reason"]) for e in m["files"][0]["examples"]} == {(4, "malformed_json"), (8, "empty")}
     assert m["template"] == "mistral-v3" and m["packing"]["efficiency"] > m["packing"]["unpacked_efficiency"]
@@ -159,8 +169,16 @@ def test_truncation_policy(tmp_path, policy):
     long_user = {"messages": [{"role": "user", "content": "word " * 300}, {"role": "assistant", "content": "ok"}]}
     long_answer = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "word " * 300}]}
     path = write_jsonl(tmp_path / "c.jsonl", [long_user, long_answer])
-    m = prepare_sft(SFTPrepConfig(inputs=[str(path)], output_dir=str(tmp_path / "o"), seq_length=64,
-                                  truncation=policy, workers=1, progress=False))
+    m = prepare_sft(
+        SFTPrepConfig(
+            inputs=[str(path)],
+            output_dir=str(tmp_path / "o"),
+            seq_length=64,
+            truncation=policy,
+            workers=1,
+            progress=False,
+        )
+    )
     skipped = m["files"][0]["skipped"]
     if policy == "drop":
         assert skipped == {"too_long": 2}
@@ -219,10 +237,20 @@ def test_chat_template_path_with_hf_tokenizer(tmp_path):
         "{% elif m['role'] == 'assistant' %}{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
         "{% if add_generation_prompt %}<|assistant|>{% endif %}"
     )
-    (hf_dir / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
-        "add_bos_token": False, "add_eos_token": False, "chat_template": template, "legacy": False,
-    }))
+    (hf_dir / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "LlamaTokenizer",
+                "bos_token": "<s>",
+                "eos_token": "</s>",
+                "unk_token": "<unk>",
+                "add_bos_token": False,
+                "add_eos_token": False,
+                "chat_template": template,
+                "legacy": False,
+            }
+        )
+    )
     tok = load_tokenizer(hf_dir)
     assert tok.kind == "huggingface" and tok.eod_id == 2
     msgs = [{"role": "user", "content": "Dose?"}, {"role": "assistant", "content": "5 mg"}]
