@@ -17,8 +17,8 @@ class PretrainPrepConfig:
 
     inputs: list[str] = field(default_factory=list)  # paths or globs
     output_prefix: str = ""  # writes <prefix>.bin/.idx/.manifest.json
-    tokenizer: str = "mistral-v1"
-    tokenizer_backend: str = "auto"
+    tokenizer: str = "mistral-v1"  # mistral-v1 | mistral-v3 | SentencePiece file | HF tokenizer dir
+    tokenizer_backend: str = "auto"  # auto | gigatoken | sentencepiece (SentencePiece models only)
     text_field: str = "text"  # dotted keys allowed (meta.text)
     add_bos: bool = True
     max_tokens: int | None = None  # skip (reason too_long) documents with more ids than this
@@ -34,18 +34,18 @@ class SFTPrepConfig:
     """Options of ``prepare sft`` (embeddable in a recipe)."""
 
     inputs: list[str] = field(default_factory=list)
-    output_dir: str = ""
-    tokenizer: str = "mistral-v1"
-    tokenizer_backend: str = "auto"
-    template: str = "auto"
+    output_dir: str = ""  # a directory: tokens/loss_mask indexed datasets, packing.npz, manifest.json
+    tokenizer: str = "mistral-v1"  # mistral-v1 | mistral-v3 | SentencePiece file | HF tokenizer dir
+    tokenizer_backend: str = "auto"  # auto | gigatoken | sentencepiece (SentencePiece models only)
+    template: str = "auto"  # auto | mistral-v1 | mistral-v3 | chat-template
     messages_field: str = "messages"
     input_field: str = "input"
     output_field: str = "output"
     instruction_field: str = "instruction"
     system_field: str = "system"
-    seq_length: int = 4096
-    truncation: str = "truncate"
-    pack: bool = True
+    seq_length: int = 4096  # bin size; a sample may hold seq_length + 1 tokens (inputs + shifted targets)
+    truncation: str = "truncate"  # truncate (cut the end) | drop (skip as too_long)
+    pack: bool = True  # first-fit-decreasing packing; False: one sample per bin
     workers: int = 2
     chunk_mb: float = 64.0  # input bytes per worker task (MiB)
     overwrite: bool = False
@@ -69,8 +69,8 @@ class BlendConfig:
     sources: list[BlendSource] = field(default_factory=list)
     seq_length: int = 4096
     seed: int = 1234
-    split: str = "98,1,1"
-    train_samples: int | None = None
+    split: str = "98,1,1"  # train,valid,test shares of every source's documents
+    train_samples: int | None = None  # default with token budgets: sum(tokens) / seq_length
     valid_samples: int = 0
     test_samples: int = 0
     cache_dir: str | None = None  # where megatron-core caches sample indices (None: <prefix>/cache/)
@@ -84,9 +84,9 @@ class DecontamConfig:
     eval_sets: list[str] = field(default_factory=list)  # evaluation JSONL (paths or globs)
     output_dir: str = ""
     text_field: str = "text"
-    eval_fields: list[str] = field(default_factory=lambda: list(DEFAULT_EVAL_FIELDS))
-    ngram: int = 13
-    min_matches: int = 1
+    eval_fields: list[str] = field(default_factory=lambda: list(DEFAULT_EVAL_FIELDS))  # case-insensitive keys
+    ngram: int = 13  # words per n-gram
+    min_matches: int = 1  # distinct shared n-grams that flag a document
     mode: str = "remove"  # "remove" | "report"
     workers: int = 2
     chunk_mb: float = 64.0  # input bytes per worker task (MiB)

@@ -166,13 +166,25 @@ class _Task:
     cfg: DecontamConfig
 
 
-_INDEX: EvalIndex | None = None  # set in the parent before forking; read by workers
+_INDEXES: dict[tuple, EvalIndex] = {}  # built once per process; forked workers inherit the parent's
+
+
+def eval_index_for(cfg: DecontamConfig) -> EvalIndex:
+    """The evaluation index for ``cfg``, cached per process (keyed by the eval files with their size and
+    mtime, the fields and n)."""
+    paths = expand_inputs(cfg.eval_sets)
+    files = tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in paths)
+    key = (files, tuple(cfg.eval_fields), cfg.ngram)
+    if key not in _INDEXES:
+        _INDEXES.clear()  # one index at a time: they can be large
+        _INDEXES[key] = build_eval_index(paths, cfg.eval_fields, cfg.ngram)
+    return _INDEXES[key]
 
 
 def _scan_chunk(task: _Task) -> tuple[FileStats, dict[str, int], list[dict[str, Any]]]:
     """Worker: (stats, unchecked-line counts by reason, flagged documents with chunk-relative lines)."""
-    index, cfg = _INDEX, task.cfg
-    assert index is not None
+    cfg = task.cfg
+    index = eval_index_for(cfg)
     stats = FileStats(task.chunk.path)
     unchecked: dict[str, int] = {}
     flagged: list[dict[str, Any]] = []
@@ -216,7 +228,6 @@ def _scan_chunk(task: _Task) -> tuple[FileStats, dict[str, int], list[dict[str, 
 
 def decontaminate(cfg: DecontamConfig) -> dict[str, Any]:
     """Run ``decontaminate``; returns the manifest (also ``<output_dir>/decontam_manifest.json``)."""
-    global _INDEX
     if cfg.mode not in ("remove", "report"):
         raise ValueError(f"mode must be 'remove' or 'report', got {cfg.mode!r}")
     if not cfg.output_dir:
@@ -231,9 +242,8 @@ def decontaminate(cfg: DecontamConfig) -> dict[str, Any]:
     for p in paths:
         if not p.name.lower().endswith((".jsonl", ".json", ".ndjson", ".jsonl.gz", ".json.gz", ".ndjson.gz")):
             raise ValueError(f"{p}: decontaminate reads JSONL training files only")
-    eval_paths = expand_inputs(cfg.eval_sets)
     t0 = time.perf_counter()
-    _INDEX = build_eval_index(eval_paths, cfg.eval_fields, cfg.ngram)
+    index = eval_index_for(cfg)  # built before forking, so workers share it copy-on-write
     chunks = plan_chunks(paths, cfg.workers, cfg.chunk_mb)
     out_dir.mkdir(parents=True, exist_ok=True)
     with staging_dir(manifest_path) as tmp:
@@ -248,7 +258,7 @@ def decontaminate(cfg: DecontamConfig) -> dict[str, Any]:
             flagged_lines += [json.dumps({"file": chunk.path, **f, "line": f["line"] + offset}) for f in flagged]
         manifest_path.unlink(missing_ok=True)  # the completion marker goes first, comes back last
         outputs = _write_outputs(tasks, chunks, paths, out_dir, tmp) if cfg.mode == "remove" else []
-        per_set = {name: dict(st, documents_flagged=0) for name, st in _INDEX.stats.items()}
+        per_set = {name: dict(st, documents_flagged=0) for name, st in index.stats.items()}
         for line in flagged_lines:
             for s in json.loads(line)["eval_sets"]:
                 per_set[s]["documents_flagged"] += 1
@@ -257,7 +267,7 @@ def decontaminate(cfg: DecontamConfig) -> dict[str, Any]:
             cfg,
             files,
             eval_sets=per_set,
-            eval_ngrams_unique=int(len(_INDEX.keys)),
+            eval_ngrams_unique=int(len(index.keys)),
             documents_flagged=len(flagged_lines),
             unchecked_lines_passed_through=unchecked,
             outputs=outputs,
@@ -267,7 +277,6 @@ def decontaminate(cfg: DecontamConfig) -> dict[str, Any]:
         flagged_tmp.write_text("".join(x + "\n" for x in flagged_lines), encoding="utf-8")
         os.replace(flagged_tmp, out_dir / "flagged.jsonl")
         write_json_atomic(manifest_path, manifest)
-    _INDEX = None
     return manifest
 
 

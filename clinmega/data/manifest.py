@@ -12,6 +12,8 @@ import platform
 from dataclasses import asdict, dataclass, field, is_dataclass
 from typing import Any
 
+from clinmega import __version__
+
 MAX_EXAMPLES = 50
 
 SKIP_REASONS = {
@@ -116,6 +118,7 @@ def build_manifest(stage: str, config: Any, files: list[FileStats], **extra: Any
         "stage": stage,
         "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "host": platform.node(),
+        "clinmega_version": __version__,
         "config": asdict(config) if is_dataclass(config) else config,
         **extra,
         "files": [f.to_dict() for f in files],
