@@ -144,7 +144,11 @@ def main() -> int:
     corpus = root / "corpus.jsonl"
     try:
         t0 = time.perf_counter()
-        n_docs = make_corpus(corpus, args.mb)
+        if corpus.exists() and args.keep:  # reuse a kept corpus
+            with open(corpus, "rb") as f:
+                n_docs = sum(1 for _ in f)
+        else:
+            n_docs = make_corpus(corpus, args.mb)
         size_mb = corpus.stat().st_size / 1e6
         print(f"corpus: {size_mb:.1f} MB, {n_docs} documents, generated in {time.perf_counter() - t0:.1f}s")
 
