@@ -115,3 +115,24 @@ def test_eval_index_is_sorted_unique(tmp_path):
     idx = build_eval_index([tmp_path / "e.jsonl"], ["question"], 3)
     assert len(idx.keys) == 4 and np.all(np.diff(idx.keys.astype(np.float64)) != 0)
     assert len(idx.lookup(ngram_hashes("x a b c y", 3))) == 1
+
+
+def test_chat_messages_field_is_checked_per_message(tmp_path):
+    q = "which antibiotic is first line for community acquired pneumonia in a healthy adult outpatient"
+    write_jsonl(tmp_path / "eval.jsonl", [{"question": q, "options": ["amoxicillin", "vancomycin"]}])
+    chats = [
+        {"messages": [{"role": "user", "content": q.upper() + "?"}, {"role": "assistant", "content": "Amoxicillin."}]},
+        {"messages": [{"role": "user", "content": "unrelated"}, {"role": "assistant", "content": "fine"}]},
+    ]
+    write_jsonl(tmp_path / "chat.jsonl", chats)
+    m = decontaminate(
+        DecontamConfig(
+            inputs=[str(tmp_path / "chat.jsonl")],
+            eval_sets=[str(tmp_path / "eval.jsonl")],
+            output_dir=str(tmp_path / "out"),
+            text_field="messages",
+            workers=1,
+            progress=False,
+        )
+    )
+    assert m["documents_flagged"] == 1 and m["files"][0]["documents_written"] == 1

@@ -263,3 +263,17 @@ def test_chat_template_path_with_hf_tokenizer(tmp_path):
     ids, mask = make_template("chat-template", tok).encode(msgs)
     assert ids == tok.hf.apply_chat_template(msgs, tokenize=True, return_dict=False)
     assert tok.hf.decode([i for i, k in zip(ids, mask) if k]) == "5 mg</s>"
+
+
+def test_failed_sft_run_leaves_no_output_dir(tmp_path, monkeypatch):
+    from clinmega.data import sft
+
+    path = _chat_file(tmp_path, n=20)
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(sft, "pack_ffd", boom)
+    with pytest.raises(RuntimeError, match="disk full"):
+        prepare_sft(SFTPrepConfig(inputs=[str(path)], output_dir=str(tmp_path / "o"), workers=1, progress=False))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["chat.jsonl"]

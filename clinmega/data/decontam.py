@@ -8,7 +8,8 @@ of MedQA+MedMCQA+PubMedQA+MMLU), shared by forked worker processes; training fil
 byte-range chunks, so memory does not grow with the corpus. A document is flagged when it contains at
 least ``min_matches`` distinct evaluation n-grams.
 
-Evaluation records contribute the text of the fields named in ``eval_fields`` (matched
+The training field (``text_field``) may be a string or, as for chat data (``messages``), a list/dict
+whose strings are each checked (no n-gram spans two strings). Evaluation records contribute the text of the fields named in ``eval_fields`` (matched
 case-insensitively; strings, lists and dicts of strings such as MedQA's ``options`` are walked), each
 string hashed separately so no n-gram spans two fields. Items with no field of ``ngram`` words or more
 cannot be checked and are counted as such.
@@ -193,12 +194,13 @@ def _scan_chunk(task: _Task) -> tuple[FileStats, dict[str, int], list[dict[str, 
         for line_no, raw in enumerate(iter_lines(task.chunk), start=1):
             stats.documents_read += 1
             obj, reason, _ = parse_line(raw)
-            text = get_field(obj, cfg.text_field) if reason is None else None
-            if not isinstance(text, str):
-                reason = reason or ("missing_field" if text is None else "wrong_type")
+            value = get_field(obj, cfg.text_field) if reason is None else None
+            texts = list(_field_texts(value))
+            if not texts:
+                reason = reason or ("missing_field" if value is None else "wrong_type")
                 unchecked[reason] = unchecked.get(reason, 0) + 1
             else:
-                hits = index.lookup(ngram_hashes(text, cfg.ngram))
+                hits = index.lookup(np.concatenate([ngram_hashes(t, cfg.ngram) for t in texts]))
                 if len(hits) >= cfg.min_matches:
                     sets = sorted({index.names[s] for s in index.owner_set[hits].tolist()})
                     flagged.append(

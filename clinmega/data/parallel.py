@@ -8,6 +8,7 @@ calling process, which is also what tests and debuggers want.
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import sys
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from typing import Callable, Sequence, TypeVar
@@ -61,6 +62,8 @@ def run_parallel(
                 results[i] = fn(t)
                 bar.advance(task_id, weights[i])
             return results  # type: ignore[return-value]
+        # HF tokenizers' Rust thread pool must not be used across fork; our processes are the parallelism.
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
         with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
             pending: dict[Future, int] = {}

@@ -4,7 +4,8 @@ Each item is one bin of ``seq_length`` positions holding whole samples back to b
 ``t[:-1]``, targets ``t[1:]`` of each sample), then padding:
 
 * ``tokens`` int64 ``[S]``: input ids (padding: ``pad_id``);
-* ``labels`` int64 ``[S]``: target ids, ``-100`` where ``loss_mask`` is 0 (non-assistant and padding);
+* ``labels`` int64 ``[S]``: target ids, ``-100`` where ``loss_mask`` is 0 (non-assistant and padding;
+  megatron-core's GPTModel wants in-range ids: pass ``labels.clamp(min=0)`` and weight by ``loss_mask``);
 * ``loss_mask`` float32 ``[S]``: 1.0 on assistant targets;
 * ``position_ids`` int64 ``[S]``: restart at 0 for every sample (and for the padding tail);
 * ``cu_seqlens`` int32 ``[n+1]``: sub-sequence boundaries, ending at ``S`` (the padding tail, if any,
