@@ -150,3 +150,17 @@ def test_source_syntax():
     ns = _parser().parse_args(["prepare", "blend", "--source", "a=/x:weight=0.3", "--train-samples", "5"])
     cfg = cli.load_config(BlendConfig, ns, "blend")
     assert cfg.sources[0].weight == 0.3 and cfg.train_samples == 5
+
+
+def test_example_recipe_sections_load_into_the_dataclasses():
+    from pathlib import Path
+
+    from clinmega.data.config import DecontamConfig, PretrainPrepConfig, SFTPrepConfig
+
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "data-tiny.yaml"
+    for verb, cls in (("pretrain", PretrainPrepConfig), ("blend", BlendConfig), ("sft", SFTPrepConfig),
+                      ("decontaminate", DecontamConfig)):
+        argv = ["prepare", verb] if verb != "decontaminate" else [verb]
+        cfg = cli.load_config(cls, _parser().parse_args([*argv, "--config", str(recipe)]), verb)
+        assert isinstance(cfg, cls)
+    assert cfg.text_field == "messages"

@@ -60,14 +60,16 @@ def normalize_words(text: str) -> list[str]:
 _WORD_CACHE: dict[str, int] = {}
 
 
-def _word_hash(word: str) -> int:
-    h = _WORD_CACHE.get(word)
-    if h is None:
-        if len(_WORD_CACHE) > 4_000_000:  # bound memory on huge vocabularies
-            _WORD_CACHE.clear()
-        h = int.from_bytes(hashlib.blake2b(word.encode("utf-8"), digest_size=8).digest(), "little")
-        _WORD_CACHE[word] = h
-    return h
+def word_hashes(words: list[str]) -> np.ndarray:
+    """64-bit blake2b hash of each word (cached per process; the cache is reset past 4M entries)."""
+    cache = _WORD_CACHE
+    missing = [w for w in set(words) if w not in cache]
+    if len(cache) + len(missing) > 4_000_000:
+        cache.clear()
+        missing = list(set(words))
+    for w in missing:
+        cache[w] = int.from_bytes(hashlib.blake2b(w.encode("utf-8"), digest_size=8).digest(), "little")
+    return np.fromiter(map(cache.__getitem__, words), dtype=np.uint64, count=len(words))
 
 
 def ngram_hashes(text: str, n: int) -> np.ndarray:
@@ -75,7 +77,7 @@ def ngram_hashes(text: str, n: int) -> np.ndarray:
     words = normalize_words(text)
     if len(words) < n:
         return np.zeros(0, dtype=np.uint64)
-    w = np.fromiter((_word_hash(x) for x in words), dtype=np.uint64, count=len(words))
+    w = word_hashes(words)
     m = len(words) - n + 1
     acc = w[:m].copy()
     with np.errstate(over="ignore"):
