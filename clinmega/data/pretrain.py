@@ -28,7 +28,7 @@ from clinmega.data.indexed import append_sequences, finish, merge_shards, new_bu
 from clinmega.data.manifest import FileStats, build_manifest, merge_chunk_stats
 from clinmega.data.parallel import run_chunk_tasks
 from clinmega.data.readers import Chunk, expand_inputs, iter_records, plan_chunks
-from clinmega.data.tokenizers import Tokenizer, load_tokenizer
+from clinmega.data.tokenizers import cached_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -49,17 +49,6 @@ class _ChunkTask:
     chunk: Chunk
     shard_prefix: str
     cfg: PretrainPrepConfig
-
-
-_TOKENIZERS: dict[tuple[str, str], Tokenizer] = {}
-
-
-def cached_tokenizer(spec: str, backend: str) -> Tokenizer:
-    """``load_tokenizer`` once per process (forked workers inherit the parent's instance)."""
-    key = (spec, backend)
-    if key not in _TOKENIZERS:
-        _TOKENIZERS[key] = load_tokenizer(spec, backend)
-    return _TOKENIZERS[key]
 
 
 def documents_to_sequences(

@@ -52,7 +52,6 @@ from clinmega.data.indexed import (
 from clinmega.data.manifest import FileStats, build_manifest, merge_chunk_stats
 from clinmega.data.packing import pack_ffd, packing_report
 from clinmega.data.parallel import run_chunk_tasks
-from clinmega.data.pretrain import cached_tokenizer
 from clinmega.data.readers import (
     Chunk,
     expand_inputs,
@@ -60,7 +59,7 @@ from clinmega.data.readers import (
     iter_objects,
     plan_chunks,
 )
-from clinmega.data.tokenizers import Tokenizer
+from clinmega.data.tokenizers import Tokenizer, cached_tokenizer
 
 ROLES = ("system", "user", "assistant")
 

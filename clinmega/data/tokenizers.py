@@ -284,3 +284,14 @@ def load_tokenizer(spec: str | os.PathLike[str], backend: str = "auto") -> Token
         f"tokenizer {spec_str!r}: not a known shorthand ({', '.join(MISTRAL_SHORTHANDS)}), "
         "SentencePiece model file, or Hugging Face tokenizer directory"
     )
+
+
+_TOKENIZERS: dict[tuple[str, str], Tokenizer] = {}
+
+
+def cached_tokenizer(spec: str, backend: str) -> Tokenizer:
+    """``load_tokenizer`` once per process (forked workers inherit the parent's instance)."""
+    key = (spec, backend)
+    if key not in _TOKENIZERS:
+        _TOKENIZERS[key] = load_tokenizer(spec, backend)
+    return _TOKENIZERS[key]
