@@ -236,3 +236,36 @@ def test_missing_input_is_named(tmp_path):
                 inputs=[str(tmp_path / "nothing-here*.jsonl")], output_prefix=str(tmp_path / "o"), progress=False
             )
         )
+
+
+def test_hugging_face_tokenizer_directory(tmp_path):
+    import shutil
+
+    from clinmega.data.tokenizers import load_tokenizer, mistral_common_model_path
+
+    hf_dir = tmp_path / "hf"
+    hf_dir.mkdir()
+    shutil.copy(mistral_common_model_path("mistral-v1"), hf_dir / "tokenizer.model")
+    (hf_dir / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "LlamaTokenizer",
+                "bos_token": "<s>",
+                "eos_token": "</s>",
+                "unk_token": "<unk>",
+                "legacy": False,
+            }
+        )
+    )
+    texts = ["Troponin I 0.04 ng/mL, ECG: sinus rhythm.", "Ω-3 résumé 😀"]
+    path = write_jsonl(tmp_path / "a.jsonl", [{"text": t} for t in texts])
+    m = prepare_pretrain(
+        PretrainPrepConfig(
+            inputs=[str(path)], output_prefix=str(tmp_path / "o"), tokenizer=str(hf_dir), workers=1, progress=False
+        )
+    )
+    assert m["tokenizer"]["kind"] == "huggingface" and m["tokenizer"]["vocab_size"] == 32000
+    hf = load_tokenizer(hf_dir).hf
+    assert _read_all(tmp_path / "o") == [
+        [hf.bos_token_id, *hf.encode(t, add_special_tokens=False), hf.eos_token_id] for t in texts
+    ]

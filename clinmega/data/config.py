@@ -21,7 +21,7 @@ class PretrainPrepConfig:
     tokenizer_backend: str = "auto"  # auto | gigatoken | sentencepiece (SentencePiece models only)
     text_field: str = "text"  # dotted keys allowed (meta.text)
     add_bos: bool = True
-    max_tokens: int | None = None  # skip (reason too_long) documents with more ids than this
+    max_tokens: int | None = None  # skip (reason too_long) documents with more ids than this (BOS/EOD excluded)
     workers: int = 2
     chunk_mb: float = 64.0  # input bytes per worker task (MiB)
     batch_docs: int = 1024
