@@ -29,6 +29,7 @@ LAYOUTS = {
     "tp2": ParallelConfig(tensor_parallel=2),
     "tp2_sp": ParallelConfig(tensor_parallel=2, sequence_parallel=True),
     "pp2": ParallelConfig(pipeline_parallel=2),
+    "pp2_vpp2": ParallelConfig(pipeline_parallel=2, virtual_pipeline_parallel=2),
     "ep2": ParallelConfig(expert_parallel=2),
     "tp2_sp_ep2": ParallelConfig(tensor_parallel=2, sequence_parallel=True, expert_parallel=2,
                                  expert_tensor_parallel=1),

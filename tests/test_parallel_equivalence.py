@@ -9,7 +9,7 @@ from clinmega.runtime.local_group import run_local_group
 import parallel_cases
 
 CASES = {
-    "tiny-mistral-v0.1": ["tp2", "tp2_sp", "pp2"],
+    "tiny-mistral-v0.1": ["tp2", "tp2_sp", "pp2", "pp2_vpp2"],
     # megatron-core's MoE layer refuses TP>1 without sequence parallelism in training.
     "tiny-mixtral": ["tp2_sp", "pp2", "ep2", "tp2_sp_ep2"],
 }

@@ -59,6 +59,9 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, precision: 
     impl = resolve_transformer_impl(runtime.transformer_impl)
     te = impl == "transformer_engine"
     on_gpu = torch.cuda.is_available()
+    if parallel.context_parallel > 1 and not te:
+        raise ConfigError("parallel.context_parallel: context parallelism needs Transformer Engine "
+                          "attention (megatron-core's local DotProductAttention has none)")
     if precision.fp8 and not te:
         raise ConfigError(
             "precision.fp8: FP8 needs Transformer Engine on a GPU that supports it (Hopper or "

@@ -1,0 +1,30 @@
+# The two entry points of the README: `make demo` (the whole pipeline on a tiny model, on CPU)
+# and `make test`. Both create and reuse the virtual environment .venv at the repository root.
+SHELL := /bin/bash
+PYTHON312 ?= $(firstword $(shell command -v python3.12 2>/dev/null) \
+                         $(wildcard $(shell pyenv root 2>/dev/null)/versions/3.12*/bin/python3.12) \
+                         $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12))
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: venv demo test bench clean-venv
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -n "$(PYTHON312)" || { echo "Python 3.12 not found: install it (pyenv install 3.12) or set PYTHON312=/path/to/python3.12" >&2; exit 1; }
+	@test -x $(PY) || $(PYTHON312) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(VENV)/bin/clinmega demo --out runs/demo
+
+test: $(STAMP)
+	OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 $(PY) -m pytest -q $(PYTEST_ARGS)
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,45 @@
+"""The ``clinmega`` command: a thin parser that hands each verb to its stage package.
+
+Each stage package exposes ``register(subparsers)`` in its ``cli`` module, adding its verbs with
+``func=<callable(args) -> exit code>``; this module only collects them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# Stage packages that contribute verbs, in the order they appear in --help.
+STAGE_CLIS = (
+    "clinmega.models.cli",
+    "clinmega.launch.cli",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="clinmega",
+        description="Continuous pretraining, instruct tuning (NEFTune) and evaluation of "
+                    "Mistral/Mixtral for clinical work, on megatron-core.")
+    parser.add_argument("--version", action="version",
+                        version=f"clinmega {importlib.import_module('clinmega').__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in STAGE_CLIS:
+        importlib.import_module(name).register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from clinmega.config.errors import ConfigError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as err:
+        print(f"clinmega {args.command}: configuration error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Launch: parallel-layout planner, torchrun/Slurm/NeMo-Run glue."""

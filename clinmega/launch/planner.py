@@ -1,0 +1,199 @@
+"""Parallel-layout planner: per-GPU memory and step-time estimates for candidate TP/PP/VPP/EP/CP/DP
+layouts of a model on a cluster, ranked among those that fit.
+
+Memory per GPU (bytes), for the busiest pipeline stage (the first: it holds the embedding and,
+under 1F1B, the most microbatches in flight):
+
+* weights: dense params / (TP*PP) + expert params / (EP*ETP*PP), times the param dtype size,
+* gradients: the same count times 4 (fp32 main grads) or 2,
+* optimizer (Adam): fp32 master weights + two moments = 12 bytes/param, divided by the data-parallel
+  size (dense) or expert-data-parallel size (experts) with the distributed optimizer,
+* activations per layer and microbatch (bf16, flash attention so no s^2 term; Korthikanti et al.
+  2022 adapted to GQA and SwiGLU): s*b*(5h + 2*ng*d + 3f*k + 2hk)*2 bytes / (TP*CP) with sequence
+  parallelism, k = top-k for MoE (1 for dense, where the 2hk permutation term is 0); times the
+  layers per stage times the microbatches in flight on stage 0 (PP for 1F1B, times
+  1 + (PP-1)/(PP*VPP) when interleaved); selective recompute drops the MLP activation-function
+  output (f*k), full recompute keeps only each layer's input (2*s*b*h/(TP*CP) bytes),
+* logits on the last stage: s*b*V/TP fp32 values and their gradient,
+* a fixed overhead (CUDA context, NCCL buffers, allocator fragmentation).
+
+Step time = training FLOPs / (GPUs * peak * efficiency), with the pipeline bubble
+(PP-1)/(VPP*microbatches) and small TP/EP communication penalties. These are planning estimates,
+not measurements: compare layouts with them, then measure the chosen one.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+from clinmega.config.errors import ConfigError
+from clinmega.config.schema import ModelConfig, ParallelConfig
+from clinmega.models.builder import check_layout
+from clinmega.models.flops import training_flops_per_token
+
+GIB = 1024**3
+RECOMPUTE = ("none", "selective", "full")
+
+
+@dataclass
+class ClusterConfig:
+    num_gpus: int = 8
+    gpus_per_node: int = 8
+    gpu_memory_gb: float = 80.0
+    peak_tflops_bf16: float = 989.0   # H100 SXM dense
+    overhead_gb: float = 4.0
+
+    def __post_init__(self):
+        if self.num_gpus < 1 or self.gpus_per_node < 1 or self.gpu_memory_gb <= 0:
+            raise ConfigError("cluster: num_gpus, gpus_per_node and gpu_memory_gb must be positive")
+
+
+@dataclass
+class PlanConfig:
+    seq_length: int = 4096
+    global_batch: int = 256
+    micro_batch: int = 1
+    recompute: str = "selective"
+    fp8: bool = False
+    distributed_optimizer: bool = True
+    grad_reduce_in_fp32: bool = True
+    # Fraction of the bf16 peak reached (MFU), and FP8's speed-up over bf16; calibrated on the
+    # published NVIDIA H100 figures (REFERENCE.md §6): Mixtral 8x7B bf16 468 TFLOPS (0.47),
+    # Llama2-7B FP8 780 TFLOPS (0.79 of the bf16 peak, i.e. 1.6x).
+    efficiency: float = 0.5
+    fp8_speedup: float = 1.6
+
+    def __post_init__(self):
+        if self.recompute not in RECOMPUTE:
+            raise ConfigError(f"plan.recompute: {self.recompute!r} is not one of {list(RECOMPUTE)}")
+
+
+@dataclass
+class Estimate:
+    parallel: ParallelConfig
+    data_parallel: int
+    num_microbatches: int
+    memory_gb: dict = field(default_factory=dict)
+    step_seconds: float = 0.0
+    tokens_per_second_per_gpu: float = 0.0
+
+    @property
+    def total_gb(self) -> float:
+        return sum(self.memory_gb.values())
+
+    def layout(self) -> str:
+        p = self.parallel
+        parts = [f"TP{p.tensor_parallel}", f"PP{p.pipeline_parallel}"]
+        if p.virtual_pipeline_parallel:
+            parts.append(f"VP{p.virtual_pipeline_parallel}")
+        if p.context_parallel > 1:
+            parts.append(f"CP{p.context_parallel}")
+        if p.expert_parallel > 1:
+            parts.append(f"EP{p.expert_parallel}")
+        parts.append(f"DP{self.data_parallel}")
+        return " ".join(parts)
+
+
+def split_parameters(cfg: ModelConfig) -> tuple[int, int, int]:
+    """(embedding+output, other dense, expert) parameter counts."""
+    h = cfg.hidden_size
+    embeddings = 2 * cfg.vocab_size * h
+    experts = (cfg.num_experts or 0) * 3 * h * cfg.ffn_hidden_size * cfg.num_layers
+    attention = h * cfg.head_dim * (2 * cfg.num_attention_heads + 2 * cfg.num_query_groups)
+    dense_mlp = 0 if cfg.is_moe else 3 * h * cfg.ffn_hidden_size
+    router = h * cfg.num_experts if cfg.is_moe else 0
+    other = cfg.num_layers * (attention + dense_mlp + router + 2 * h) + h
+    return embeddings, other, experts
+
+
+def local_parameters(cfg: ModelConfig, parallel: ParallelConfig) -> tuple[float, float]:
+    """(dense, expert) parameters held by a GPU of the first pipeline stage.
+
+    Stage 0 holds the input embedding; the output layer lives on the last stage, which is the
+    same stage only without pipelining.
+    """
+    tp, pp = parallel.tensor_parallel, parallel.pipeline_parallel
+    etp = parallel.expert_tensor_parallel or tp
+    embeddings, other, experts = split_parameters(cfg)
+    dense = ((embeddings if pp == 1 else embeddings / 2) + other / pp) / tp
+    return dense, experts / (pp * parallel.expert_parallel * etp)
+
+
+def estimate(cfg: ModelConfig, parallel: ParallelConfig, plan: PlanConfig,
+             cluster: ClusterConfig) -> Estimate:
+    tp, pp, cp, ep = (parallel.tensor_parallel, parallel.pipeline_parallel,
+                      parallel.context_parallel, parallel.expert_parallel)
+    vpp = parallel.virtual_pipeline_parallel or 1
+    etp = parallel.expert_tensor_parallel or tp
+    dp = parallel.data_parallel_size(cluster.num_gpus)
+    expert_dp = cluster.num_gpus // (ep * etp * pp)
+    if plan.global_batch % (plan.micro_batch * dp):
+        raise ConfigError(f"plan.global_batch: {plan.global_batch} is not divisible by "
+                          f"micro_batch*DP = {plan.micro_batch}*{dp}")
+    microbatches = plan.global_batch // (plan.micro_batch * dp)
+
+    dense_local, expert_local = local_parameters(cfg, parallel)
+    params_local = dense_local + expert_local
+    weight_bytes = 1 if plan.fp8 else 2  # fp8 params are gathered/stored in 1 byte with TE
+    mem = {"weights": params_local * weight_bytes / GIB,
+           "grads": params_local * (4 if plan.grad_reduce_in_fp32 else 2) / GIB}
+    shard = (lambda n, d: n / d) if plan.distributed_optimizer else (lambda n, d: n)
+    mem["optimizer"] = (shard(dense_local, dp) + shard(expert_local, expert_dp)) * 12 / GIB
+
+    s, b, h = plan.seq_length / cp, plan.micro_batch, cfg.hidden_size
+    k = cfg.moe_router_topk if cfg.is_moe else 1
+    f = cfg.ffn_hidden_size
+    per_layer = s * b * (5 * h + 2 * cfg.num_query_groups * cfg.head_dim + 3 * f * k
+                         + (2 * h * k if cfg.is_moe else 0)) * 2 / tp
+    if plan.recompute == "selective":
+        per_layer -= s * b * f * k * 2 / tp
+    elif plan.recompute == "full":
+        per_layer = s * b * h * 2 / tp
+    layers_per_stage = cfg.num_layers / pp
+    in_flight = min(pp, microbatches) * (1 + (pp - 1) / (pp * vpp) if vpp > 1 else 1)
+    mem["activations"] = per_layer * layers_per_stage * in_flight / GIB
+    logits = plan.seq_length / cp * b * cfg.vocab_size / tp * 4 * 2
+    mem["logits"] = logits / GIB if pp == 1 else 0.0  # stage 0 is not the last stage when PP > 1
+    mem["overhead"] = cluster.overhead_gb
+
+    tokens = plan.global_batch * plan.seq_length
+    flops = training_flops_per_token(cfg, plan.seq_length, plan.recompute == "full") * tokens
+    peak = cluster.peak_tflops_bf16 * 1e12 * (plan.fp8_speedup if plan.fp8 else 1.0)
+    bubble = (pp - 1) / (vpp * microbatches)
+    comm = (1 + 0.04 * (tp - 1)) * (1 + 0.03 * (ep - 1)) * (1 + 0.02 * (cp - 1))
+    seconds = flops / (cluster.num_gpus * peak * plan.efficiency) * (1 + bubble) * comm
+    return Estimate(parallel, dp, microbatches, mem, seconds,
+                    tokens / seconds / cluster.num_gpus)
+
+
+def candidates(cfg: ModelConfig, cluster: ClusterConfig, plan: PlanConfig):
+    """Every layout the model and cluster admit (TP within a node, powers of two)."""
+    powers = [1, 2, 4, 8, 16, 32, 64]
+    for tp, pp, cp, ep in itertools.product(powers, powers, powers[:4], powers):
+        if tp > cluster.gpus_per_node or cluster.num_gpus % (tp * pp * cp):
+            continue
+        if ep > 1 and not cfg.is_moe:
+            continue
+        if cfg.is_moe and (cluster.num_gpus % (ep * pp)):
+            continue
+        for vpp in ([None] if pp == 1 else [None, 2, 4, 8]):
+            parallel = ParallelConfig(
+                tensor_parallel=tp, pipeline_parallel=pp, virtual_pipeline_parallel=vpp,
+                context_parallel=cp, expert_parallel=ep,
+                expert_tensor_parallel=1 if cfg.is_moe else None,
+                sequence_parallel=tp > 1)
+            try:
+                check_layout(cfg, parallel)
+                yield estimate(cfg, parallel, plan, cluster)
+            except ConfigError:
+                continue
+
+
+def rank_layouts(cfg: ModelConfig, cluster: ClusterConfig, plan: PlanConfig,
+                 top: int = 10) -> tuple[list[Estimate], int]:
+    """The fastest ``top`` layouts that fit in GPU memory, and how many candidates were tried."""
+    all_layouts = list(candidates(cfg, cluster, plan))
+    fitting = [e for e in all_layouts if e.total_gb <= cluster.gpu_memory_gb]
+    fitting.sort(key=lambda e: (e.step_seconds, e.total_gb))
+    return fitting[:top], len(all_layouts)

@@ -1,0 +1,74 @@
+"""The layout planner against the published NVIDIA H100 configurations (REFERENCE.md §6)."""
+
+import pytest
+
+from clinmega.cli import main
+from clinmega.config import ParallelConfig
+from clinmega.launch.planner import (
+    ClusterConfig,
+    PlanConfig,
+    estimate,
+    local_parameters,
+    rank_layouts,
+)
+from clinmega.models import count_parameters, get_preset
+from clinmega.models.flops import forward_flops_per_token
+
+MIXTRAL_NEMO = ParallelConfig(pipeline_parallel=4, virtual_pipeline_parallel=8, expert_parallel=8,
+                              expert_tensor_parallel=1)
+
+
+def test_published_mistral_layout_fits_and_matches_throughput():
+    # Llama2-7B FP8 on 8 H100s, TP1 PP1, seq 4096: 16,934 tok/s/GPU, 780 TFLOPS (NeMo 24.07).
+    e = estimate(get_preset("mistral-7b-v0.1"), ParallelConfig(),
+                 PlanConfig(seq_length=4096, global_batch=128, fp8=True), ClusterConfig(num_gpus=8))
+    assert e.total_gb <= 80
+    assert e.tokens_per_second_per_gpu == pytest.approx(16934, rel=0.15)
+
+
+def test_published_mixtral_layout_fits_and_matches_throughput():
+    # NeMo H100: 64 GPUs, seq 4096, TP1 PP4 EP8 VP8, MBS 1, GBS 256; ~468 TFLOPS BF16.
+    cfg = get_preset("mixtral-8x7b")
+    e = estimate(cfg, MIXTRAL_NEMO, PlanConfig(seq_length=4096, global_batch=256, micro_batch=1),
+                 ClusterConfig(num_gpus=64))
+    assert e.total_gb <= 80
+    tflops = e.tokens_per_second_per_gpu * 3 * forward_flops_per_token(cfg, 4096) / 1e12
+    assert tflops == pytest.approx(468, rel=0.15)
+
+
+def test_mixtral_does_not_fit_unsharded_on_one_node():
+    e = estimate(get_preset("mixtral-8x7b"), ParallelConfig(), PlanConfig(),
+                 ClusterConfig(num_gpus=8))
+    assert e.total_gb > 80 and e.memory_gb["weights"] > 80
+
+
+def test_recompute_and_distributed_optimizer_reduce_memory():
+    cfg, cluster = get_preset("mistral-7b-v0.2"), ClusterConfig(num_gpus=8)
+    mem = {r: estimate(cfg, ParallelConfig(), PlanConfig(recompute=r), cluster).memory_gb
+           for r in ("none", "selective", "full")}
+    assert mem["none"]["activations"] > mem["selective"]["activations"] > mem["full"]["activations"]
+    plain = estimate(cfg, ParallelConfig(), PlanConfig(distributed_optimizer=False), cluster)
+    assert plain.memory_gb["optimizer"] == pytest.approx(8 * mem["selective"]["optimizer"])
+
+
+@pytest.mark.parametrize("name", ["mistral-7b-v0.3", "mixtral-8x7b"])
+def test_local_parameters_add_up_to_the_model(name):
+    cfg = get_preset(name)
+    dense, experts = local_parameters(cfg, ParallelConfig())
+    assert dense + experts == count_parameters(cfg)
+    dense2, experts2 = local_parameters(cfg, ParallelConfig(tensor_parallel=2, sequence_parallel=True))
+    assert dense2 == pytest.approx(dense / 2)
+
+
+def test_ranked_layouts_all_fit_and_are_sorted():
+    best, tried = rank_layouts(get_preset("mixtral-8x7b"), ClusterConfig(num_gpus=64), PlanConfig())
+    assert best and tried > len(best)
+    assert all(e.total_gb <= 80 for e in best)
+    assert [e.step_seconds for e in best] == sorted(e.step_seconds for e in best)
+
+
+def test_plan_cli_prints_a_table(capsys):
+    assert main(["plan", "--model", "mistral-7b-v0.1", "--gpus", "8", "--top", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "TP1 PP1 DP8" in out and "tok/s/GPU" in out
+    assert main(["plan", "--model", "mixtral-8x7b", "--gpus", "1", "--gpu-memory", "24"]) == 1
