@@ -1,1 +1,2 @@
-"""Data preparation: pretraining corpora (indexed datasets, blends), SFT (templates, masks, packing), decontamination."""
+"""Data preparation: pretraining corpora (indexed datasets, blends), SFT (templates, masks, packing),
+decontamination. See docs/data.md."""

@@ -9,9 +9,9 @@ byte-range chunks, so memory does not grow with the corpus. A document is flagge
 least ``min_matches`` distinct evaluation n-grams.
 
 The training field (``text_field``) may be a string or, as for chat data (``messages``), a list/dict
-whose strings are each checked (no n-gram spans two strings). Evaluation records contribute the text of the fields named in ``eval_fields`` (matched
-case-insensitively; strings, lists and dicts of strings such as MedQA's ``options`` are walked), each
-string hashed separately so no n-gram spans two fields. Items with no field of ``ngram`` words or more
+whose strings are each checked (no n-gram spans two strings). Evaluation records contribute the text
+of the fields named in ``eval_fields`` (matched case-insensitively; strings, lists and dicts of strings
+such as MedQA's ``options`` are walked), each string hashed separately so no n-gram spans two fields. Items with no field of ``ngram`` words or more
 cannot be checked and are counted as such.
 
 ``mode="remove"`` writes each training file minus flagged lines (kept lines byte-identical, other lines
@@ -22,6 +22,7 @@ and ``output_dir/flagged.jsonl`` (file, line, matched n-gram count, evaluation s
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -191,8 +192,7 @@ def _scan_chunk(task: _Task) -> tuple[FileStats, dict[str, int], list[dict[str, 
     stats = FileStats(task.chunk.path)
     unchecked: dict[str, int] = {}
     flagged: list[dict[str, Any]] = []
-    out = open(task.part, "wb") if task.part else None
-    try:
+    with open(task.part, "wb") if task.part else contextlib.nullcontext() as out:
         for line_no, raw in enumerate(iter_lines(task.chunk), start=1):
             stats.documents_read += 1
             obj, reason, _ = parse_line(raw)
@@ -224,9 +224,6 @@ def _scan_chunk(task: _Task) -> tuple[FileStats, dict[str, int], list[dict[str, 
             stats.documents_written += 1
             if out is not None:
                 out.write(raw if raw.endswith(b"\n") else raw + b"\n")
-    finally:
-        if out is not None:
-            out.close()
     return stats, unchecked, flagged
 
 

@@ -130,7 +130,8 @@ def prepare_pretrain(cfg: PretrainPrepConfig) -> dict[str, Any]:
     outs = output_paths(cfg.output_prefix)
     if any(p.exists() for p in outs.values()) and not cfg.overwrite:
         raise FileExistsError(
-            f"{cfg.output_prefix}: output exists ({', '.join(p.name for p in outs.values() if p.exists())}); use overwrite"
+            f"{cfg.output_prefix}: output exists ({', '.join(p.name for p in outs.values() if p.exists())}); "
+            "use overwrite"
         )
     paths = expand_inputs(cfg.inputs)
     tok = cached_tokenizer(cfg.tokenizer, cfg.tokenizer_backend)  # load (and validate) before forking
