@@ -71,27 +71,33 @@ def make_corpus(path: Path, target_mb: int, seed: int = 0) -> int:
     return n_docs
 
 
-def _raw_worker(args: tuple[str, int, int, str]) -> tuple[int, float]:
-    """Encode this worker's share of documents (loaded before timing); returns (tokens, seconds)."""
+def _cpu_seconds() -> float:
+    """CPU time (user + system) of this process and its reaped children."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def _raw_worker(args: tuple[str, int, int, str]) -> tuple[int, float, float]:
+    """Encode this worker's share of documents (loaded before timing); returns (tokens, seconds, CPU s)."""
     from clinmega.data.tokenizers import load_tokenizer
 
     path, rank, world, backend = args
     tok = load_tokenizer("mistral-v1", backend=backend)
     with open(path, encoding="utf-8") as f:
         texts = [json.loads(line)["text"] for i, line in enumerate(f) if i % world == rank]
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     tokens = 0
     for i in range(0, len(texts), 1024):
         flat, _ = tok.encode_flat(texts[i : i + 1024])
         tokens += flat.size
-    return tokens, time.perf_counter() - t0
+    return tokens, time.perf_counter() - t0, time.process_time() - c0
 
 
-def raw_throughput(path: Path, workers: int, backend: str) -> tuple[int, float]:
-    """(tokens, wall seconds) of ``workers`` processes encoding the corpus; wall = slowest worker."""
+def raw_throughput(path: Path, workers: int, backend: str) -> tuple[int, float, float]:
+    """(tokens, wall seconds, CPU seconds) of ``workers`` processes encoding the corpus; wall = slowest."""
     with mp.get_context("spawn").Pool(workers) as pool:
         results = pool.map(_raw_worker, [(str(path), r, workers, backend) for r in range(workers)])
-    return sum(r[0] for r in results), max(r[1] for r in results)
+    return sum(r[0] for r in results), max(r[1] for r in results), sum(r[2] for r in results)
 
 
 def sentencepiece_slice(path: Path, max_docs: int) -> tuple[int, float]:
@@ -152,7 +158,7 @@ def main() -> int:
         size_mb = corpus.stat().st_size / 1e6
         print(f"corpus: {size_mb:.1f} MB, {n_docs} documents, generated in {time.perf_counter() - t0:.1f}s")
 
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), _cpu_seconds()
         m = prepare_pretrain(
             PretrainPrepConfig(
                 inputs=[str(corpus)],
@@ -162,7 +168,7 @@ def main() -> int:
                 progress=False,
             )
         )
-        wall = time.perf_counter() - t0
+        wall, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
         total = m["totals"]["tokens"]
         content = total - 2 * m["totals"]["documents_written"]
         backend = m["tokenizer"]["backend"]
@@ -171,23 +177,29 @@ def main() -> int:
         prep_tps = content / wall
         print(
             f"prepare pretrain: {wall:.1f}s wall, {content / 1e6:.1f} M text tokens (+BOS/EOD: {total / 1e6:.1f} M), "
-            f"{prep_tps / 1e6:.2f} M tok/s, {size_mb / wall:.1f} MB/s, backend={backend}, workers={args.workers}"
+            f"{prep_tps / 1e6:.2f} M tok/s, {size_mb / wall:.1f} MB/s, backend={backend}, workers={args.workers}; "
+            f"{cpu:.1f} CPU-s = {content / cpu / 1e6:.2f} M tok per CPU-s"
         )
         print(
             f"peak RSS: parent {rss_parent:.0f} MiB (after importing torch+megatron: {rss_baseline:.0f} MiB), "
             f"largest worker {rss_child:.0f} MiB (forked: includes the parent's pages it touched)"
         )
 
-        raw_tokens, raw_wall = raw_throughput(corpus, args.workers, backend)
+        raw_tokens, raw_wall, raw_cpu = raw_throughput(corpus, args.workers, backend)
         raw_tps = raw_tokens / raw_wall
         print(
             f"raw {backend} batch encode, {args.workers} processes, texts in memory: "
-            f"{raw_tokens / 1e6:.1f} M tokens in {raw_wall:.1f}s = {raw_tps / 1e6:.2f} M tok/s"
+            f"{raw_tokens / 1e6:.1f} M tokens in {raw_wall:.1f}s = {raw_tps / 1e6:.2f} M tok/s; "
+            f"{raw_tokens / raw_cpu / 1e6:.2f} M tok per CPU-s"
         )
         sp_tokens, sp_wall = sentencepiece_slice(corpus, 3000)
         sp_tps = sp_tokens / sp_wall
         print(f"sentencepiece library, 1 process (reference): {sp_tps / 1e6:.2f} M tok/s")
-        print(f"ratio prepare / raw same-backend encode: {prep_tps / raw_tps:.3f}")
+        print(
+            f"ratio prepare / raw same-backend encode: {prep_tps / raw_tps:.3f} (wall), "
+            f"{(content / cpu) / (raw_tokens / raw_cpu):.3f} (per CPU-second; less sensitive to other load)"
+        )
+        print(f"machine load average now: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
         print(
             f"ratio prepare ({args.workers} workers) / sentencepiece x{args.workers}: "
             f"{prep_tps / (sp_tps * args.workers):.2f}"

@@ -91,6 +91,9 @@ def test_exit_codes_and_errors_name_the_problem(tmp_path, capsys):
         == 2
     )
     assert "missing.jsonl" in capsys.readouterr().err
+    (tmp_path / "src.yaml").write_text("blend:\n  sources: [{name: a, prefx: /x, weight: 1}]\n")
+    assert _run(["prepare", "blend", "--config", str(tmp_path / "src.yaml")]) == 2
+    assert "blend.sources[0]" in capsys.readouterr().err
     (tmp_path / "typo.yaml").write_text("sft:\n  seq_lenght: 10\n")
     assert _run(["prepare", "sft", "--config", str(tmp_path / "typo.yaml")]) == 2
     assert "seq_lenght" in capsys.readouterr().err

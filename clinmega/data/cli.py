@@ -86,12 +86,23 @@ def load_config(cls: type, args: argparse.Namespace, section: str) -> Any:
         if given is not None:
             values[f.name] = given
     if cls is BlendConfig:
-        values["sources"] = [s if isinstance(s, BlendSource) else BlendSource(**s) for s in values.get("sources", [])]
+        values["sources"] = [_blend_source(i, s) for i, s in enumerate(values.get("sources", []))]
         values["sources"] += [parse_source(s) for s in getattr(args, "source", None) or []]
     for key in ("inputs", "eval_sets"):
         if isinstance(values.get(key), str):
             values[key] = [values[key]]
     return cls(**values)
+
+
+def _blend_source(i: int, entry: Any) -> BlendSource:
+    if isinstance(entry, BlendSource):
+        return entry
+    names = [f.name for f in dataclasses.fields(BlendSource)]
+    if not isinstance(entry, dict) or set(entry) - set(names) or not {"name", "prefix"} <= set(entry):
+        raise ValueError(
+            f"blend.sources[{i}]: expected a mapping with keys among {names} (name, prefix required), got {entry!r}"
+        )
+    return BlendSource(**entry)
 
 
 def parse_source(text: str) -> BlendSource:
