@@ -123,6 +123,7 @@ def parse_source(text: str) -> BlendSource:
 def _run(stage: Callable[[Any], dict[str, Any]], cls: type, section: str, wrote: Callable[[dict], bool]) -> Callable:
     def func(args: argparse.Namespace) -> int:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        logging.getLogger("megatron").setLevel(logging.WARNING)  # its dataset builders log every index
         try:
             cfg = load_config(cls, args, section)
             result = stage(cfg)
