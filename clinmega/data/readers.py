@@ -146,7 +146,7 @@ def parse_line(raw: bytes) -> tuple[Any, str | None, str]:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         return None, "non_utf8", f"byte {exc.start}: {exc.reason}"
-    if not text.strip():
+    if not text or text.isspace():  # isspace: no copy of a long line, unlike strip
         return None, "blank_line", ""
     try:
         return json.loads(text), None, ""
@@ -195,11 +195,12 @@ def iter_records(chunk: Chunk, field: str) -> Iterator[Record]:
             yield Record(rec.line, None, "missing_field", f"no {field!r}")
         elif not isinstance(value, str):
             yield Record(rec.line, None, "wrong_type", f"{field!r} is {type(value).__name__}, expected string")
-        elif not value.strip():
+        elif not value or value.isspace():
             yield Record(rec.line, None, "empty", f"{field!r} is blank")
         else:
             try:
-                value.encode("utf-8")
+                if not value.isascii():  # lone surrogates (from JSON escapes) cannot be encoded
+                    value.encode("utf-8")
             except UnicodeEncodeError as exc:
                 yield Record(rec.line, None, "non_utf8", f"{field!r} char {exc.start}: {exc.reason}")
                 continue
