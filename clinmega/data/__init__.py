@@ -1,0 +1,2 @@
+"""Data preparation: pretraining corpora (indexed datasets, blends), SFT (templates, masks, packing),
+decontamination. See docs/data.md."""

@@ -1,0 +1,210 @@
+"""Command-line verbs of the data stages, registered into the main ``clinmega`` parser.
+
+``register(subparsers)`` adds::
+
+    clinmega prepare pretrain  --inputs 'raw/*.jsonl.gz' --output-prefix data/clinical --tokenizer mistral-v1
+    clinmega prepare sft       --inputs chat.jsonl --output-dir data/sft --seq-length 4096
+    clinmega prepare blend     --config blend.yaml          (builds the blend, prints epochs per source)
+    clinmega decontaminate     --inputs train.jsonl --eval-sets 'eval/*.jsonl' --output-dir clean --mode report
+
+Every option is a field of the stage's dataclass (``PretrainPrepConfig``, ``SFTPrepConfig``,
+``BlendConfig``, ``DecontamConfig``), generated from it so the CLI and recipes cannot drift apart.
+``--config FILE.yaml`` loads the same fields from YAML (either at top level or under a section named
+``pretrain``/``sft``/``blend``/``decontaminate``); options given on the command line override it.
+Each verb's ``func(args)`` returns an exit code: 0 done, 1 finished but wrote nothing, 2 bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Any, Callable
+
+from clinmega.data.config import (
+    BlendConfig,
+    BlendSource,
+    DecontamConfig,
+    PretrainPrepConfig,
+    SFTPrepConfig,
+)
+
+log = logging.getLogger("clinmega.data")
+
+
+def _field_kind(cls: type, f: dataclasses.Field) -> tuple[str, type | None]:
+    """('bool'|'list'|'scalar'|'skip', element type) of a dataclass field's annotation."""
+    hint = typing.get_type_hints(cls)[f.name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        hint = args[0]
+    if hint is bool:
+        return "bool", None
+    if typing.get_origin(hint) is list:
+        (elem,) = typing.get_args(hint)
+        return ("list", elem) if elem in (str, int, float) else ("skip", None)
+    return "scalar", hint
+
+
+def add_dataclass_args(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One ``--field-name`` option per dataclass field (default None = "not given")."""
+    for f in dataclasses.fields(cls):
+        kind, elem = _field_kind(cls, f)
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        helptext = f"(default: {default!r})"
+        if kind == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=helptext)
+        elif kind == "list":
+            parser.add_argument(flag, nargs="+", type=elem, default=None, help=helptext)
+        elif kind == "scalar":
+            parser.add_argument(flag, type=elem, default=None, help=helptext)
+
+
+def load_config(cls: type, args: argparse.Namespace, section: str) -> Any:
+    """Dataclass ``cls`` from defaults <- YAML ``--config`` (top level or under ``section``) <- CLI."""
+    values: dict[str, Any] = {}
+    if getattr(args, "config", None):
+        from omegaconf import OmegaConf
+
+        raw = OmegaConf.to_container(OmegaConf.load(args.config), resolve=True)
+        if not isinstance(raw, dict):
+            raise ValueError(f"{args.config}: expected a mapping at top level")
+        raw = raw.get(section, raw) if isinstance(raw.get(section), dict) else raw
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - names)
+        if unknown:
+            raise ValueError(f"{args.config}: unknown key(s) {unknown} for {section}; known: {sorted(names)}")
+        values.update(raw)
+    for f in dataclasses.fields(cls):
+        given = getattr(args, f.name, None)
+        if given is not None:
+            values[f.name] = given
+    if cls is BlendConfig:
+        values["sources"] = [_blend_source(i, s) for i, s in enumerate(values.get("sources", []))]
+        values["sources"] += [parse_source(s) for s in getattr(args, "source", None) or []]
+    for key in ("inputs", "eval_sets"):
+        if isinstance(values.get(key), str):
+            values[key] = [values[key]]
+    return cls(**values)
+
+
+def _blend_source(i: int, entry: Any) -> BlendSource:
+    if isinstance(entry, BlendSource):
+        return entry
+    names = [f.name for f in dataclasses.fields(BlendSource)]
+    if not isinstance(entry, dict) or set(entry) - set(names) or not {"name", "prefix"} <= set(entry):
+        raise ValueError(
+            f"blend.sources[{i}]: expected a mapping with keys among {names} (name, prefix required), got {entry!r}"
+        )
+    return BlendSource(**entry)
+
+
+def parse_source(text: str) -> BlendSource:
+    """``NAME=PREFIX:weight=0.8`` or ``NAME=PREFIX:tokens=2e9`` -> BlendSource."""
+    try:
+        name, rest = text.split("=", 1)
+        prefix, spec = rest.rsplit(":", 1)
+        key, value = spec.split("=", 1)
+    except ValueError:
+        raise ValueError(f"--source {text!r}: expected NAME=PREFIX:weight=W or NAME=PREFIX:tokens=N") from None
+    if key == "weight":
+        return BlendSource(name, prefix, weight=float(value))
+    if key == "tokens":
+        return BlendSource(name, prefix, tokens=int(float(value)))
+    raise ValueError(f"--source {text!r}: unknown key {key!r} (weight|tokens)")
+
+
+def _run(stage: Callable[[Any], dict[str, Any]], cls: type, section: str, wrote: Callable[[dict], bool]) -> Callable:
+    def func(args: argparse.Namespace) -> int:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        logging.getLogger("megatron").setLevel(logging.WARNING)  # its dataset builders log every index
+        try:
+            cfg = load_config(cls, args, section)
+            result = stage(cfg)
+        except (ValueError, FileNotFoundError, FileExistsError, KeyError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        shown = {k: result[k] for k in ("totals", "packing", "output", "documents_flagged", "splits") if k in result}
+        print(json.dumps(shown, indent=2))
+        return 0 if wrote(result) else 1
+
+    return func
+
+
+def _blend_stage(cfg: BlendConfig) -> dict[str, Any]:
+    from clinmega.data.blend import build_blend
+
+    return build_blend(cfg).report
+
+
+def _pretrain_stage(cfg: PretrainPrepConfig) -> dict[str, Any]:
+    from clinmega.data.pretrain import prepare_pretrain
+
+    return prepare_pretrain(cfg)
+
+
+def _sft_stage(cfg: SFTPrepConfig) -> dict[str, Any]:
+    from clinmega.data.sft import prepare_sft
+
+    return prepare_sft(cfg)
+
+
+def _decontam_stage(cfg: DecontamConfig) -> dict[str, Any]:
+    from clinmega.data.decontam import decontaminate
+
+    return decontaminate(cfg)
+
+
+def register(subparsers: Any) -> None:
+    """Add ``prepare {pretrain,sft,blend}`` and ``decontaminate`` to an argparse subparsers object."""
+    prepare = subparsers.add_parser("prepare", help="prepare training data")
+    verbs = prepare.add_subparsers(dest="prepare_command", required=True)
+
+    def written(m: dict) -> bool:
+        return m["totals"]["documents_written"] > 0
+
+    specs = [
+        (
+            verbs,
+            "pretrain",
+            "tokenize text into megatron-core indexed datasets",
+            PretrainPrepConfig,
+            _pretrain_stage,
+            written,
+        ),
+        (verbs, "sft", "template, mask and pack chat data", SFTPrepConfig, _sft_stage, written),
+        (
+            verbs,
+            "blend",
+            "build a weighted blend and report epochs per source",
+            BlendConfig,
+            _blend_stage,
+            lambda r: True,
+        ),
+        (subparsers, "decontaminate", "n-gram overlap with evaluation sets", DecontamConfig, _decontam_stage, written),
+    ]
+    for parent, name, helptext, cls, stage, wrote in specs:
+        p = parent.add_parser(name, help=helptext, description=helptext)
+        p.add_argument("--config", type=Path, default=None, help="YAML file with the same fields")
+        add_dataclass_args(p, cls)
+        if cls is BlendConfig:
+            p.add_argument("--source", action="append", help="NAME=PREFIX:weight=W or NAME=PREFIX:tokens=N")
+        p.set_defaults(func=_run(stage, cls, name, wrote))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Stand-alone entry point (``python -m clinmega.data.cli``) with just the data verbs."""
+    parser = argparse.ArgumentParser(prog="clinmega-data")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
