@@ -13,6 +13,7 @@ import sys
 # Stage packages that contribute verbs, in the order they appear in --help.
 STAGE_CLIS = (
     "clinmega.models.cli",
+    "clinmega.data.cli",
     "clinmega.evaluation.cli",
     "clinmega.launch.cli",
 )

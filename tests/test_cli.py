@@ -23,7 +23,7 @@ def test_info_reports_cpu_runtime(capsys):
 
 def test_help_lists_every_verb():
     text = build_parser().format_help()
-    for verb in ("models", "info", "plan", "eval"):
+    for verb in ("models", "info", "plan", "prepare", "decontaminate", "eval"):
         assert verb in text
 
 
