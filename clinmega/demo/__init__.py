@@ -1,0 +1,1 @@
+"""The CPU demo: synthetic data and the end-to-end pipeline."""
