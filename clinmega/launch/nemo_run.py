@@ -1,0 +1,77 @@
+"""NeMo-Run recipes for clinmega: the same ``clinmega`` verbs as tasks of a NeMo-Run experiment.
+
+From Python::
+
+    import nemo_run as run
+    from clinmega.launch import nemo_run as cm
+
+    task = cm.train_task("recipes/mistral_7b_sft_neftune.yaml", ["train.lr=1e-5"])   # run.Script
+    run.run(task, executor=cm.local_executor(nproc_per_node=8))                      # torchrun
+    run.run(task, executor=cm.slurm_executor(account="acct", partition="batch", nodes=4,
+                                             container_image="/shared/clinmega.sqsh"))
+
+``train_partial`` gives the same job as a ``run.Partial`` of :func:`run_verb` (serialised with
+fiddle, run by NeMo-Run's runner in the job). From the shell, the ``nemo`` CLI finds the entrypoints
+below through the ``nemo_run.cli`` entry-point group (``pyproject.toml``)::
+
+    nemo clinmega train recipe=recipes/tiny_cpu_cpt.yaml "overrides=['train.steps=5']"
+
+Slurm jobs launch one task per GPU with ``srun`` (no torchrun): clinmega reads the Slurm variables.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import nemo_run as run
+
+
+def run_verb(verb: str, args: Sequence[str] = ()) -> None:
+    """Run ``clinmega <verb> <args>`` in this process; raise if it fails (a Partial's target)."""
+    from clinmega.cli import main
+
+    code = main([verb, *args])
+    if code:
+        raise RuntimeError(f"clinmega {verb} {' '.join(args)} exited with {code}")
+
+
+def verb_task(verb: str, args: Sequence[str] = ()) -> run.Script:
+    """``python -m clinmega.cli <verb> <args>`` as a NeMo-Run Script (torchrun/srun launch it)."""
+    return run.Script(path="clinmega.cli", m=True, entrypoint="python", args=[verb, *args])
+
+
+def train_task(recipe: str, overrides: Sequence[str] = ()) -> run.Script:
+    return verb_task("train", [recipe, *overrides])
+
+
+def train_partial(recipe: str, overrides: Sequence[str] = ()) -> run.Partial:
+    return run.Partial(run_verb, verb="train", args=[recipe, *overrides])
+
+
+def local_executor(nproc_per_node: int = 1) -> run.LocalExecutor:
+    """This machine; several processes go through NeMo-Run's Torchrun launcher."""
+    if nproc_per_node > 1:
+        return run.LocalExecutor(ntasks_per_node=nproc_per_node, launcher="torchrun")
+    return run.LocalExecutor()
+
+
+def slurm_executor(account: str, partition: str, nodes: int = 1, gpus_per_node: int = 8,
+                   container_image: str = "nvcr.io/nvidia/pytorch:25.10-py3",
+                   container_mounts: Optional[list[str]] = None, time: str = "04:00:00",
+                   job_dir: str = "nemo_run_jobs") -> run.SlurmExecutor:
+    """Slurm + pyxis: one task per GPU launched by srun inside the container."""
+    return run.SlurmExecutor(
+        account=account, partition=partition, nodes=nodes, ntasks_per_node=gpus_per_node,
+        gpus_per_node=gpus_per_node, container_image=container_image,
+        container_mounts=container_mounts or [], time=time, exclusive=True,
+        tunnel=run.LocalTunnel(job_dir=job_dir))
+
+
+@run.cli.entrypoint(namespace="clinmega", help="clinmega train RECIPE [overrides]")
+def train(recipe: str, overrides: Optional[list[str]] = None) -> None:
+    run_verb("train", [recipe, *(overrides or [])])
+
+
+@run.cli.entrypoint(namespace="clinmega", help="clinmega eval MODEL [args]")
+def evaluate(model: str, args: Optional[list[str]] = None) -> None:
+    run_verb("eval", [model, *(args or [])])
