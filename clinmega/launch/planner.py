@@ -135,8 +135,8 @@ def estimate(cfg: ModelConfig, parallel: ParallelConfig, plan: PlanConfig,
 
     dense_local, expert_local = local_parameters(cfg, parallel)
     params_local = dense_local + expert_local
-    weight_bytes = 1 if plan.fp8 else 2  # fp8 params are gathered/stored in 1 byte with TE
-    mem = {"weights": params_local * weight_bytes / GIB,
+    # bf16 weights also under FP8: TE keeps bf16 parameters and casts per GEMM (fp8_param off).
+    mem = {"weights": params_local * 2 / GIB,
            "grads": params_local * (4 if plan.grad_reduce_in_fp32 else 2) / GIB}
     shard = (lambda n, d: n / d) if plan.distributed_optimizer else (lambda n, d: n)
     mem["optimizer"] = (shard(dense_local, dp) + shard(expert_local, expert_dp)) * 12 / GIB
