@@ -23,7 +23,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="clinmega",
         description="Continuous pretraining, instruct tuning (NEFTune) and evaluation of "
-                    "Mistral/Mixtral for clinical work, on megatron-core.")
+                    "Mistral/Mixtral for clinical work, on megatron-core.",
+        epilog="@FILE anywhere on the command line inserts FILE's lines as arguments "
+               "(one per line), e.g. clinmega eval MODEL @recipes/eval_prompt_strategies.args "
+               "--data-dir DIR --out OUT; later arguments override earlier ones.",
+        fromfile_prefix_chars="@")
     parser.add_argument("--version", action="version",
                         version=f"clinmega {importlib.import_module('clinmega').__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)

@@ -31,3 +31,17 @@ def test_console_script_entry_point_runs():
     result = subprocess.run([sys.executable, "-m", "clinmega.cli", "--version"],
                             capture_output=True, text=True, check=True)
     assert result.stdout.startswith("clinmega ")
+
+
+def test_eval_recipe_args_file_parses_into_known_strategies(tmp_path):
+    from pathlib import Path
+
+    from clinmega.evaluation.benchmarks import expand_benchmark_names
+    from clinmega.evaluation.strategies import parse_strategy
+
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "eval_prompt_strategies.args"
+    args = build_parser().parse_args(["eval", "model-dir", f"@{recipe}", "--out", str(tmp_path),
+                                      "--seed", "7"])
+    assert args.command == "eval" and args.seed == 7  # later arguments override the file
+    assert [parse_strategy(s).name for s in args.strategies.split(",")][-1] == "medprompt"
+    assert "pubmedqa" in expand_benchmark_names(args.benchmarks.split(","))
