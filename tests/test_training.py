@@ -162,10 +162,26 @@ def test_dp2_matches_dp1(group, reference, variant):
 
 @pytest.mark.distributed
 def test_pipeline_with_virtual_stages_matches_dp1(group, reference):
+    """PP2 x VPP2 (interleaved 1F1B) from the same initial weights (checkpoint.load_weights)."""
     ref, got = cases.losses(reference), group["pp2_vpp2"]
     assert sorted(got) == [1, 2, 3, 4, 5]
     for step in got:
         assert abs(got[step] - ref[step]) <= 1e-5, (step, got[step], ref[step])
+
+
+@pytest.mark.distributed
+def test_full_recompute_matches(group):
+    for step, loss in group["recompute_full"].items():
+        assert abs(loss - group["dp2_distopt"][step]) <= 1e-6, (step, loss)
+
+
+@pytest.mark.distributed
+def test_cpt_rewarm_restarts_the_schedule_when_extended(group):
+    lr = {r["step"]: r["lr"] for r in group["rewarm"]}
+    assert sorted(lr) == list(range(1, 9))
+    assert lr[4] == pytest.approx(3e-4)  # the first run decayed to min_lr at its step 4...
+    assert lr[5] == 0.0 and lr[6] == pytest.approx(3e-3)  # ...the extension warms up again
+    assert lr[6] > lr[7] > lr[8]
 
 
 @pytest.mark.distributed
@@ -294,3 +310,63 @@ def test_flops_formula_matches_hand_count():
     assert flops_per_token(moe, S) - flops_per_token(m, S) == pytest.approx(3 * L * (moe_mlp - dense_mlp))
     # ~6 x active params per token plus attention: Mistral 7B at 4k is ~ 4.9e10.
     assert 4.0e10 < flops_per_token(m, S) < 6.0e10
+
+
+def test_indexed_cpt_source_through_megatron_builder(tmp_path):
+    """Two tiny .bin/.idx prefixes blended by BlendedMegatronDatasetBuilder feed the sampler."""
+    import numpy as np
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    prefixes = []
+    for name, offset in (("clinical", 0), ("general", 1000)):
+        prefix = str(tmp_path / name)
+        builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.int32)
+        rng = np.random.default_rng(offset)
+        for _ in range(20):
+            builder.add_document(torch.from_numpy(rng.integers(offset, offset + 500, 50,
+                                                               dtype=np.int32)), [50])
+        builder.finalize(prefix + ".idx")
+        prefixes.append(prefix)
+    from clinmega.training.data import GlobalBatchSampler, build_sources
+
+    cfg = load_experiment([cases.CPT_RECIPE], [
+        "data.kind=indexed", f"data.prefixes=[{prefixes[0]},{prefixes[1]}]", "data.weights=[0.7,0.3]",
+        f"data.cache_dir={tmp_path / 'cache'}", "train.steps=4", "train.warmup_steps=1",
+        "train.eval_interval=2"])
+    train_src, valid_src = build_sources(cfg)
+    assert len(train_src) >= 4 * cfg.train.global_batch_size and valid_src is not None
+    item = train_src[0]
+    assert item["tokens"].shape == (cfg.train.seq_length,)
+    assert torch.equal(item["tokens"][1:], item["labels"][:-1])
+    sampler = GlobalBatchSampler(train_src, 8, 2, seed=0, shuffle=False)
+    per_rank = [sampler.microbatches(1, r, 2) for r in range(2)]
+    whole = sampler.microbatches(1, 0, 1)
+    stacked = torch.cat([mb["tokens"] for mbs in per_rank for mb in mbs])
+    assert torch.equal(stacked, torch.cat([mb["tokens"] for mb in whole]))  # DP splits the batch
+    sources = {int(t >= 1000) for t in stacked.flatten().tolist()}
+    assert sources == {0, 1}  # both prefixes appear in the blend
+
+
+def test_lr_schedule_warmup_decay_and_rewarm():
+    from types import SimpleNamespace
+
+    from clinmega.training.optimizer import build_scheduler
+
+    opt = SimpleNamespace(param_groups=[{"lr": 0.0, "weight_decay": 0.1}])
+    cfg = TrainConfig(steps=20, lr=1e-3, min_lr=1e-4, warmup_steps=4, decay_style="linear")
+
+    def lrs(scheduler, n):
+        out = []
+        for _ in range(n):
+            out.append(opt.param_groups[0]["lr"])
+            scheduler.step(increment=1)
+        return out
+
+    first = lrs(build_scheduler(cfg, opt), 21)
+    assert first[0] == 0.0 and first[4] == pytest.approx(1e-3) and first[20] == pytest.approx(1e-4)
+    assert first[12] == pytest.approx(1e-3 - (1e-3 - 1e-4) * 8 / 16)
+    longer = TrainConfig(steps=40, lr=1e-3, min_lr=1e-4, warmup_steps=4, decay_style="linear")
+    rewarm = lrs(build_scheduler(longer, opt, start_step=20), 21)  # continue 20 -> 40 re-warmed
+    assert rewarm[0] == 0.0 and rewarm[4] == pytest.approx(1e-3) and rewarm[20] == pytest.approx(1e-4)
+    cosine = lrs(build_scheduler(TrainConfig(steps=20, lr=1e-3, min_lr=0.0, warmup_steps=0), opt), 21)
+    assert cosine[10] == pytest.approx(5e-4) and cosine[20] == pytest.approx(0.0, abs=1e-12)

@@ -46,6 +46,18 @@ def _records(run_dir: Path) -> list[dict]:
     return read_metrics(run_dir)
 
 
+def initial_weights(path: Path) -> Path:
+    """The tiny recipe's freshly initialised weights (single-stage layout) as a dist checkpoint."""
+    from clinmega.models import build_model
+    from clinmega.models.dist_ckpt import save_model_weights
+    from clinmega.runtime import initialize
+
+    cfg = experiment(CPT_RECIPE, path)
+    initialize(cfg.parallel, cfg.runtime)
+    save_model_weights(build_model(cfg.model, cfg.parallel, cfg.precision, cfg.runtime), path)
+    return path
+
+
 # --- NEFTune probes -----------------------------------------------------------------------------
 def neftune_probe(tmp: Path, parallel: list[str], same_data: bool) -> dict:
     """Embedding outputs of one packed SFT microbatch with and without NEFTune, on this rank
@@ -136,20 +148,30 @@ def all_cases(tmp: str) -> dict:
     out["dp2_distopt"] = run(CPT_RECIPE, tmp / "dp2_distopt", *CPT_STEPS)["losses"]
     out["dp2_plain"] = run(CPT_RECIPE, tmp / "dp2_plain", *CPT_STEPS,
                            "train.use_distributed_optimizer=false")["losses"]
-    # Pipeline parallel with virtual stages: 4 layers = PP2 x VPP2 chunks of one layer.
+    # Pipeline parallel with virtual stages (4 layers = PP2 x VPP2 chunks of one layer), started
+    # from the DP runs' initial weights (megatron seeds each pipeline stage differently).
     out["pp2_vpp2"] = run(CPT_RECIPE, tmp / "pp2_vpp2", *CPT_STEPS, "train.steps=5",
-                          "parallel.pipeline_parallel=2",
-                          "parallel.virtual_pipeline_parallel=2")["losses"]
+                          "parallel.pipeline_parallel=2", "parallel.virtual_pipeline_parallel=2",
+                          f"checkpoint.load_weights={initial_weights(tmp / 'init')}")["losses"]
+    out["recompute_full"] = run(CPT_RECIPE, tmp / "recompute", *CPT_STEPS, "train.steps=3",
+                                "train.recompute_granularity=full",
+                                "train.recompute_method=uniform")["losses"]
+    # CPT re-warm: 4 steps, then the same run extended to 8 steps with train.rewarm.
+    short = ["train.warmup_steps=1", "train.save_interval=0", "logging.tensorboard=false"]
+    run(CPT_RECIPE, tmp / "rewarm", "train.steps=4", *short)
+    out["rewarm"] = run(CPT_RECIPE, tmp / "rewarm", "train.steps=8", "train.rewarm=true",
+                        *short)["records"]
     # Tiny Mixtral SFT (packed) with EP2.
     moe = run(SFT_RECIPE, tmp / "mixtral_ep2", "model.preset=tiny-mixtral",
               "parallel.expert_parallel=2", "train.steps=4", "logging.tensorboard=false")
     out["mixtral_ep2"] = moe["records"]
     # SFT: alpha 0 equals the path without NEFTune exactly.
-    out["sft_alpha0"] = run(SFT_RECIPE, tmp / "sft_a0", "train.steps=3",
+    out["sft_alpha0"] = run(SFT_RECIPE, tmp / "sft_a0", "train.steps=3", "train.warmup_steps=1",
                             "train.neftune_alpha=0.0")["losses"]
-    out["sft_off"] = run(SFT_RECIPE, tmp / "sft_off", "train.steps=3",
+    out["sft_off"] = run(SFT_RECIPE, tmp / "sft_off", "train.steps=3", "train.warmup_steps=1",
                          "train.neftune_alpha=null")["losses"]
-    out["sft_alpha5"] = run(SFT_RECIPE, tmp / "sft_a5", "train.steps=3")["losses"]
+    out["sft_alpha5"] = run(SFT_RECIPE, tmp / "sft_a5", "train.steps=3",
+                            "train.warmup_steps=1")["losses"]
     # NEFTune probes: TP2 (no SP and SP: identical noise on TP ranks), DP2 (different).
     out["probe_tp2"] = neftune_probe(tmp / "tp2", ["parallel.tensor_parallel=2"], True)
     out["probe_tp2_sp"] = neftune_probe(tmp / "tp2sp", ["parallel.tensor_parallel=2",

@@ -189,11 +189,12 @@ class Checkpointer:
     def latest(self) -> int | None:
         return read_latest(self.root)
 
-    def load(self, step: int, chunks: Sequence[torch.nn.Module], optimizer, scheduler,
-             restore_schedule: bool = True) -> TrainingState:
-        """Restore checkpoint ``step`` into the model, optimizer, scheduler and RNGs."""
+    def load(self, step: int, chunks: Sequence[torch.nn.Module], optimizer
+             ) -> tuple[TrainingState, dict]:
+        """Restore checkpoint ``step`` into the model, optimizer and RNGs; returns the training
+        state and the LR scheduler's state dict (the caller decides whether to apply it)."""
         directory = iteration_dir(self.root, step)
-        sharded = _sharded_state(chunks, optimizer, scheduler, None, loading=True)
+        sharded = _sharded_state(chunks, optimizer, None, None, loading=True)
         saved_layout = dist_checkpointing.load_common_state_dict(str(directory))["layout"]
         same_layout = saved_layout == _layout()
         if not same_layout:  # RNG states are per (pp, tp) rank: only meaningful at that layout
@@ -205,11 +206,9 @@ class Checkpointer:
             model.load_state_dict(loaded[key])
         if optimizer is not None:
             optimizer.load_state_dict(loaded["optimizer"])
-        if scheduler is not None and restore_schedule:
-            scheduler.load_state_dict(loaded["scheduler"])
         if same_layout:
             _set_rng_state(loaded["rng_state"])
-        return TrainingState(**loaded["train_state"])
+        return TrainingState(**loaded["train_state"]), loaded["scheduler"]
 
 
 class TerminationFlag:

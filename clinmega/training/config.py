@@ -112,9 +112,9 @@ class TrainConfig:
                               f"of train.micro_batch_size={self.micro_batch_size}")
         if self.min_lr > self.lr:
             raise ConfigError(f"train.min_lr: {self.min_lr} > train.lr={self.lr}")
-        if self.warmup_steps < 0 or self.warmup_steps > (self.decay_steps or self.steps):
+        if self.warmup_steps < 0 or self.warmup_steps >= self.lr_decay_steps:
             raise ConfigError(f"train.warmup_steps: {self.warmup_steps} must be in "
-                              f"[0, decay steps={self.decay_steps or self.steps}]")
+                              f"[0, decay steps={self.lr_decay_steps})")
         if self.neftune_alpha is not None and self.neftune_alpha < 0:
             raise ConfigError(f"train.neftune_alpha: must be >= 0, got {self.neftune_alpha}")
         if self.recompute_granularity is not None:

@@ -135,9 +135,11 @@ def build_trainer(cfg: ExperimentConfig) -> Trainer:
     train = cfg.train
     dp = ps.get_data_parallel_world_size()
     train.num_microbatches(dp)  # validates the batch geometry for this world size
+    checkpointer = Checkpointer(cfg.checkpoint_dir, cfg.checkpoint.keep_last, cfg.checkpoint.async_save)
+    latest = checkpointer.latest() if cfg.checkpoint.resume else None
     chunks = build_model(cfg.model, cfg.parallel, cfg.precision, cfg.runtime,
                          **train.transformer_overrides())
-    if cfg.checkpoint.load_weights:
+    if cfg.checkpoint.load_weights and latest is None:  # a resumed run has its own weights
         path = Path(cfg.checkpoint.load_weights)
         if not path.is_dir():
             raise ConfigError(f"checkpoint.load_weights: {path} is not a directory")
@@ -154,16 +156,15 @@ def build_trainer(cfg: ExperimentConfig) -> Trainer:
     valid = (GlobalBatchSampler(valid_src, train.global_batch_size, train.micro_batch_size,
                                 cfg.data.seed + 1, cfg.data.shuffle)
              if valid_src is not None and train.eval_interval else None)
-    checkpointer = Checkpointer(cfg.checkpoint_dir, cfg.checkpoint.keep_last, cfg.checkpoint.async_save)
-    state = TrainingState(schedule=schedule_signature(train))
-    scheduler = build_scheduler(train, optimizer)
-    latest = checkpointer.latest() if cfg.checkpoint.resume else None
+    state, saved_schedule = TrainingState(), None
     if latest is not None:
-        state = checkpointer.load(latest, model, optimizer, scheduler)
+        state, saved_schedule = checkpointer.load(latest, model, optimizer)
         if train.rewarm and state.schedule != schedule_signature(train):
-            state.schedule_start = state.step
-            scheduler = build_scheduler(train, optimizer, start_step=state.step)
-        state.schedule = schedule_signature(train)
+            state.schedule_start, saved_schedule = state.step, None  # a fresh schedule from here
+    scheduler = build_scheduler(train, optimizer, start_step=state.schedule_start)
+    if saved_schedule is not None:
+        scheduler.load_state_dict(saved_schedule)
+    state.schedule = schedule_signature(train)
     return Trainer(cfg, model, optimizer, scheduler, sampler, valid, neftune, checkpointer, state)
 
 

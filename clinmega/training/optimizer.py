@@ -45,7 +45,7 @@ def schedule_signature(train: TrainConfig) -> dict:
 def build_scheduler(train: TrainConfig, optimizer, start_step: int = 0) -> OptimizerParamScheduler:
     """The schedule, counted from ``start_step`` (0, or the re-warm step): warmup over
     ``warmup_steps``, decay until ``decay_steps`` (default: ``steps``) from the start."""
-    decay = max(train.lr_decay_steps - start_step, train.warmup_steps, 1)
+    decay = max(train.lr_decay_steps - start_step, train.warmup_steps + 1)
     return OptimizerParamScheduler(
         optimizer, init_lr=0.0, max_lr=train.lr, min_lr=train.min_lr,
         lr_warmup_steps=train.warmup_steps, lr_decay_steps=decay,
