@@ -109,6 +109,10 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, precision: 
         apply_rope_fusion=te,
         gradient_accumulation_fusion=te,
         persist_layer_norm=False,
+        # Interleaved (virtual) pipelining batches isend/irecv with the same peer (PP=2: prev ==
+        # next); gloo matches those by posting order and swapped activations with gradients of
+        # the same shape (a wrong loss, no error). Separate p2p calls are correct on gloo.
+        batch_p2p_comm=on_gpu,
     )
     if model.is_moe:
         kwargs.update(

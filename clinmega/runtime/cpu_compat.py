@@ -123,6 +123,49 @@ def _patch_moe() -> None:
     token_dispatcher.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
 
 
+# --- 9. DistributedOptimizer checkpoint load with torch's Adam (no Apex / TE) ---------------
+def _patch_distributed_optimizer_load() -> None:
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    sharded_state_dict = DistributedOptimizer.sharded_state_dict
+    set_states = DistributedOptimizer._set_main_param_and_optimizer_states
+
+    def sharded_state_dict_with_state(self, model_sharded_state_dict, is_loading=False, **kw):
+        # A fresh optimizer has no state yet; without Apex/TE state_dict() asserts one "step".
+        if is_loading and self.init_state_fn is not None:
+            self.init_state_fn(self.optimizer, self.config)
+            for group in self.optimizer.param_groups:
+                for param in group["params"]:
+                    self.optimizer.state[param].setdefault("step", torch.tensor(0.0))
+        return sharded_state_dict(self, model_sharded_state_dict, is_loading=is_loading, **kw)
+
+    def set_states_keeping_step(self, model_param, tensors):
+        # torch Adam keeps "step" as a tensor in each param's state; the checkpoint's param state
+        # has no "step" entry (load_state_dict restores it), so keep the current one.
+        if not self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+            group, order = self.model_param_group_index_map[model_param]
+            main_param = self.optimizer.param_groups[group]["params"][order]
+            for key, value in self.optimizer.state[main_param].items():
+                if torch.is_tensor(value):
+                    tensors.setdefault(key, value)
+        return set_states(self, model_param, tensors)
+
+    load_state_dict = DistributedOptimizer.load_state_dict
+
+    def load_state_dict_unshared_step(self, state_dict):
+        # Without Apex/TE load_state_dict puts ONE "step" tensor into every param's state; torch
+        # Adam increments it in place once per param, so Adam's bias correction runs ahead after
+        # a resume. Give each param its own copy.
+        load_state_dict(self, state_dict)
+        for state in self.optimizer.state.values():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].clone()
+
+    DistributedOptimizer.load_state_dict = load_state_dict_unshared_step
+    DistributedOptimizer.sharded_state_dict = sharded_state_dict_with_state
+    DistributedOptimizer._set_main_param_and_optimizer_states = set_states_keeping_step
+
+
 # --- 8. device="cuda" literals, .cuda(), grad.type() asserts (schedules, DDP, clip_grads) ----
 def _to_cpu_device(value):
     if isinstance(value, torch.device) and value.type == "cuda":
@@ -172,6 +215,12 @@ PATCHES = (
           "device='cuda'", _patch_masks),
     Patch("moe_dispatcher", "MoEAlltoAllTokenDispatcher.cuda_dtoh_stream is a CUDA stream and "
           "moe_utils.maybe_move_tensor_to_cpu leaves CPU split sizes as tensors", _patch_moe),
+    Patch("distopt_torch_adam_load", "DistributedOptimizer.sharded_state_dict(is_loading=True) "
+          "asserts one Adam 'step' before any state exists, load_state_dict shares one 'step' "
+          "tensor between all params (torch Adam then increments it once per param), and "
+          "_set_main_param_and_optimizer_states looks up 'step' in the loaded param state "
+          "(paths taken without Apex/TE)",
+          _patch_distributed_optimizer_load),
     Patch("cuda_literals", "pipeline schedules, DDP buffers, clip_grads and optimizer use "
           "device='cuda' literals, .cuda() and grad.type()=='torch.cuda.FloatTensor'",
           _patch_function_mode),

@@ -3,8 +3,9 @@
 ``forward_backward`` runs ``get_forward_backward_func()`` (no pipelining, 1F1B or interleaved,
 chosen by megatron-core from the parallel state) over a list of microbatches, with Megatron DDP
 doing the gradient reduction through ``finalize_model_grads``. Microbatches are dicts of
-``tokens, labels, loss_mask, position_ids`` and optionally ``attention_mask`` (bool, True = masked)
-and ``packed_seq_params``.
+``tokens, labels, loss_mask, position_ids`` and optionally ``attention_mask`` (bool, True = masked),
+``cu_seqlens`` (a per-row list of packed sub-sequence boundaries: attention is then masked to each
+sub-sequence), ``packed_seq_params`` and ``neftune`` (the NEFTune noise context of the microbatch).
 """
 
 from __future__ import annotations
@@ -19,7 +20,10 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.distributed import finalize_model_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from clinmega.models.dist_ckpt import unwrap
 from clinmega.runtime import device
+from clinmega.training.data import packed_attention_mask
+from clinmega.training.neftune import NEFTune
 
 
 def wrap_ddp(chunks: Sequence[torch.nn.Module], ddp_config: DistributedDataParallelConfig
@@ -50,11 +54,24 @@ def lm_loss(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
     return loss_sum, num_tokens, {"lm loss": report}
 
 
+def attention_mask(batch: dict, model: torch.nn.Module) -> torch.Tensor | None:
+    """The batch's explicit mask, or the packed block-causal one (with the model's sliding window)
+    when it carries ``cu_seqlens``, or None (the model's own causal mask)."""
+    if batch.get("attention_mask") is not None or "cu_seqlens" not in batch:
+        return batch.get("attention_mask")
+    window = unwrap(model).config.window_size
+    return packed_attention_mask(batch["cu_seqlens"], batch["tokens"].shape[1],
+                                 window[0] + 1 if window else None)
+
+
 def forward_step(data_iterator, model):
     batch = next(data_iterator)
     dev = device()
+    mask = attention_mask(batch, model)
     moved = {k: (v.to(dev, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
-    output = model(moved["tokens"], moved["position_ids"], moved.get("attention_mask"),
+    NEFTune.set_context(model, batch.get("neftune"))
+    output = model(moved["tokens"], moved["position_ids"],
+                   mask.to(dev, non_blocking=True) if mask is not None else None,
                    labels=moved["labels"], packed_seq_params=moved.get("packed_seq_params"))
     return output, partial(lm_loss, moved["loss_mask"])
 

@@ -1,0 +1,67 @@
+"""The ``train`` and ``plot`` verbs. ``register(subparsers)`` adds them to the main CLI; this
+module also runs on its own: ``python -m clinmega.training.cli train recipe.yaml key=value ...``
+(under ``torchrun --nproc-per-node N`` for several ranks)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Sequence
+
+from clinmega.config import ConfigError
+
+
+def _train(args: argparse.Namespace) -> int:
+    from clinmega.runtime import shutdown
+    from clinmega.training.config import load_experiment
+    from clinmega.training.loop import NonFiniteLossError, train
+
+    try:
+        cfg = load_experiment([args.recipe], args.overrides)
+        summary = train(cfg)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except NonFiniteLossError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 3
+    finally:
+        shutdown()
+    if os.environ.get("RANK", "0") == "0":
+        print(json.dumps(summary))
+    return 0
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from clinmega.training.plot import plot_run
+
+    try:
+        print(plot_run(args.run_dir, args.output))
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("train", help="continuous pretraining / SFT (+NEFTune) on megatron-core")
+    p.add_argument("recipe", help="recipe YAML (an ExperimentConfig)")
+    p.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. train.lr=1e-5")
+    p.set_defaults(func=_train)
+    p = subparsers.add_parser("plot", help="PNG of a training run's loss/LR curves")
+    p.add_argument("run_dir", help="a train run directory (holds metrics.jsonl)")
+    p.add_argument("-o", "--output", default=None, help="PNG path (default: <run_dir>/curves.png)")
+    p.set_defaults(func=_plot)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="clinmega")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,200 @@
+"""Batches for training: the ``BatchSource`` protocol, the sources, and the global-batch sampler.
+
+A :class:`BatchSource` is any map-style dataset (``__len__`` + ``__getitem__``) whose items are
+dicts of 1-D tensors of one sequence length ``S``:
+
+* ``tokens`` int64, ``labels`` int64, ``loss_mask`` float32, ``position_ids`` int64, and
+* optionally ``cu_seqlens`` int32 ``[n+1]`` when the item packs several samples back to back
+  (boundaries ending at ``S``; a padding tail is its own sub-sequence without loss).
+
+megatron-core's ``GPTDataset`` / ``BlendedDataset`` and ``clinmega.data``'s ``SFTDataset`` satisfy it
+as they are. The sampler is a pure function of (step, data-parallel rank): global batch ``t`` is
+items ``t*G .. t*G+G-1`` of an endless, per-epoch shuffled order, and DP rank ``r`` takes its
+contiguous ``G/dp`` share, split into microbatches. The data position saved in a checkpoint is
+therefore just the step, and a run resumes at any data-parallel size on the same samples.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, Sequence, runtime_checkable
+
+import numpy as np
+import torch
+
+from clinmega.config import ConfigError
+from clinmega.training.config import DataConfig, ExperimentConfig
+
+IGNORE_INDEX = -100
+
+
+@runtime_checkable
+class BatchSource(Protocol):
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> dict[str, Any]: ...
+
+
+class SyntheticSource:
+    """Deterministic learnable sequences: item ``i`` is an arithmetic progression modulo
+    ``vocab`` with a start and stride drawn from ``seed + i``; a model learns them in a few
+    dozen steps, so a falling loss is a real signal.
+
+    ``packed=True`` makes SFT-like bins: 1-4 samples of random length back to back, the first
+    half of each sample is a "prompt" (no loss), then a padding tail (pad id 0, no loss).
+    """
+
+    def __init__(self, num_samples: int, seq_length: int, vocab: int, seed: int, packed: bool):
+        self.num_samples, self.seq_length, self.vocab = num_samples, seq_length, vocab
+        self.seed, self.packed = seed, packed
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def _sequence(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        start, stride = rng.integers(0, self.vocab), rng.integers(1, 8)
+        return (start + stride * np.arange(n + 1)) % self.vocab
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        if not 0 <= index < self.num_samples:
+            raise IndexError(f"synthetic sample {index} out of range [0, {self.num_samples})")
+        rng = np.random.default_rng([self.seed, index])
+        S = self.seq_length
+        if not self.packed:
+            seq = self._sequence(rng, S)
+            return _item(seq[:-1], seq[1:], np.ones(S, np.float32))
+        tokens, labels = np.zeros(S, np.int64), np.full(S, IGNORE_INDEX, np.int64)
+        loss_mask, cu = np.zeros(S, np.float32), [0]
+        for _ in range(int(rng.integers(1, 5))):
+            n = int(rng.integers(4, max(5, S // 2)))
+            if cu[-1] + n > S:
+                break
+            seq, a = self._sequence(rng, n), cu[-1]
+            tokens[a:a + n], labels[a:a + n] = seq[:-1], seq[1:]
+            loss_mask[a + n // 2:a + n] = 1.0
+            cu.append(a + n)
+        labels[loss_mask == 0] = IGNORE_INDEX
+        if cu[-1] < S:
+            cu.append(S)
+        return _item(tokens, labels, loss_mask, cu)
+
+
+def _item(tokens, labels, loss_mask, cu_seqlens=None) -> dict[str, torch.Tensor]:
+    item = dict(tokens=torch.as_tensor(tokens, dtype=torch.int64),
+                labels=torch.as_tensor(labels, dtype=torch.int64),
+                loss_mask=torch.as_tensor(loss_mask, dtype=torch.float32))
+    if cu_seqlens is None:
+        item["position_ids"] = torch.arange(len(tokens))
+        return item
+    cu = torch.tensor(cu_seqlens, dtype=torch.int32)
+    item["position_ids"] = torch.cat([torch.arange(int(b - a)) for a, b in zip(cu[:-1], cu[1:])])
+    item["cu_seqlens"] = cu
+    return item
+
+
+class _EodTokenizer:
+    """What ``GPTDatasetConfig.tokenizer`` is read for: the end-of-document id."""
+
+    def __init__(self, eod: int):
+        self.eod = eod
+        self.unique_identifiers = {"class": "clinmega.training.data._EodTokenizer", "eod": eod}
+
+
+def indexed_sources(data: DataConfig, seq_length: int, samples: Sequence[int]) -> list[Any]:
+    """megatron-core GPT datasets (train, valid) over ``data.prefixes`` (a weighted blend when
+    there are several), built by ``BlendedMegatronDatasetBuilder`` with ``samples`` items each."""
+    from pathlib import Path
+
+    from megatron.core.datasets.blended_megatron_dataset_builder import (
+        BlendedMegatronDatasetBuilder,
+    )
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+
+    for prefix in data.prefixes:
+        for ext in (".bin", ".idx"):
+            if not Path(prefix + ext).is_file():
+                raise ConfigError(f"data.prefixes: {prefix + ext} not found")
+    config = GPTDatasetConfig(
+        random_seed=data.seed, sequence_length=seq_length,
+        blend=(list(data.prefixes), list(data.weights) if data.weights else None),
+        split=data.split, path_to_cache=data.cache_dir, tokenizer=_EodTokenizer(data.eod_id),
+        reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False,
+        create_attention_mask=False)
+    built = BlendedMegatronDatasetBuilder(GPTDataset, [*samples, 0], lambda: True, config).build()
+    return list(built[:2])
+
+
+def _sft_dataset(path: str):
+    try:
+        from clinmega.data.sft_dataset import SFTDataset
+    except ImportError as err:
+        raise ConfigError("data.kind: 'sft' needs clinmega.data.sft_dataset (the data pipeline)"
+                          ) from err
+    return SFTDataset(path)
+
+
+def build_sources(cfg: ExperimentConfig) -> tuple[BatchSource, BatchSource | None]:
+    """(train source, validation source or None) for this experiment."""
+    data, train = cfg.data, cfg.train
+    if data.kind == "synthetic":
+        make = lambda seed: SyntheticSource(data.synthetic_samples, train.seq_length,  # noqa: E731
+                                            min(data.synthetic_vocab, cfg.model.vocab_size),
+                                            seed, data.synthetic_packed)
+        return make(data.seed), make(data.seed + 1)
+    if data.kind == "indexed":
+        valid = train.eval_iters * train.global_batch_size * max(1, train.steps // max(
+            1, train.eval_interval or train.steps))
+        sources = indexed_sources(data, train.seq_length,
+                                  [train.steps * train.global_batch_size, valid])
+        return sources[0], sources[1]
+    valid = _sft_dataset(data.sft_valid_path) if data.sft_valid_path else None
+    return _sft_dataset(data.sft_path), valid
+
+
+class GlobalBatchSampler:
+    """Which items make global batch ``step`` and this DP rank's microbatches of it."""
+
+    def __init__(self, source: BatchSource, global_batch: int, micro_batch: int, seed: int,
+                 shuffle: bool):
+        if len(source) < 1:
+            raise ConfigError("data: the training source is empty")
+        self.source, self.global_batch, self.micro_batch = source, global_batch, micro_batch
+        self.seed, self.shuffle = seed, shuffle
+        self._epoch, self._order = -1, np.arange(len(source))
+
+    def _index(self, position: int) -> int:
+        epoch, offset = divmod(position, len(self.source))
+        if self.shuffle and epoch != self._epoch:
+            self._order = np.random.default_rng([self.seed, epoch]).permutation(len(self.source))
+            self._epoch = epoch
+        return int(self._order[offset])
+
+    def microbatches(self, step: int, dp_rank: int, dp_size: int) -> list[dict[str, Any]]:
+        per_rank = self.global_batch // dp_size
+        first = step * self.global_batch + dp_rank * per_rank
+        items = [self.source[self._index(first + i)] for i in range(per_rank)]
+        return [collate(items[i:i + self.micro_batch]) for i in range(0, per_rank, self.micro_batch)]
+
+
+def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack items into ``[b, S]`` tensors; ``cu_seqlens`` stays a per-row list."""
+    batch: dict[str, Any] = {k: torch.stack([torch.as_tensor(it[k]) for it in items])
+                             for k in ("tokens", "labels", "loss_mask", "position_ids")}
+    batch["loss_mask"] = batch["loss_mask"].float()
+    if "cu_seqlens" in items[0]:
+        batch["cu_seqlens"] = [torch.as_tensor(it["cu_seqlens"]) for it in items]
+    return batch
+
+
+def packed_attention_mask(cu_seqlens: list[torch.Tensor], seq_length: int,
+                          window: int | None = None) -> torch.Tensor:
+    """``[b, 1, S, S]`` bool, True = masked: causal within each packed sub-sequence (and within
+    ``window`` keys of the query when set: Mistral's sliding window), masked across them."""
+    pos = torch.arange(seq_length)
+    masks = []
+    for cu in cu_seqlens:
+        segment = torch.bucketize(pos, cu[1:].to(torch.int64), right=True)
+        allowed = (segment[:, None] == segment[None, :]) & (pos[None, :] <= pos[:, None])
+        if window is not None:
+            allowed &= pos[:, None] - pos[None, :] < window
+        masks.append(~allowed)
+    return torch.stack(masks)[:, None]
