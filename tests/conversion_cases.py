@@ -58,9 +58,10 @@ def hf_logits(folder: str | Path, toks: torch.Tensor) -> torch.Tensor:
         return model(toks).logits.float()
 
 
-def megatron_logits(model_cfg, parallel, ckpt: str | Path, toks: torch.Tensor):
-    """Logits of the checkpoint at ``parallel`` (parallel state must be initialised for it):
-    the full [b, s, v] tensor on every rank (pipeline last stage broadcasts, TP gathered)."""
+def megatron_logits(model_cfg, parallel, ckpt: str | Path, toks: torch.Tensor) -> torch.Tensor:
+    """fp32 logits [b, s, v] of checkpoint ``ckpt`` loaded at ``parallel`` (parallel state already
+    initialised for it), on every rank: the last pipeline stage has them (vocab-parallel, gathered
+    across TP) and broadcasts them to the other stages."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
@@ -68,45 +69,71 @@ def megatron_logits(model_cfg, parallel, ckpt: str | Path, toks: torch.Tensor):
     from clinmega.config import PrecisionConfig, RuntimeConfig
     from clinmega.models import build_model
     from clinmega.models.dist_ckpt import load_model_weights
-    from clinmega.training.step import forward_backward  # noqa: F401  (schedule is imported)
 
-    chunks = build_model(model_cfg, parallel, PrecisionConfig(dtype="fp32"), RuntimeConfig())
-    load_model_weights(chunks, ckpt)
-    for c in chunks:
-        c.eval()
+    (model,) = build_model(model_cfg, parallel, PrecisionConfig(dtype="fp32"), RuntimeConfig())
+    load_model_weights([model], ckpt)
+    model.eval()
     positions = torch.arange(toks.shape[1]).repeat(toks.shape[0], 1)
-    logits = _pipeline_forward(chunks, toks, positions)
-    if ps.is_pipeline_last_stage(ignore_virtual=True):
-        logits = gather_from_tensor_model_parallel_region(logits)
-    else:
-        logits = torch.empty(*toks.shape, model_cfg.vocab_size)
-    if ps.get_pipeline_model_parallel_world_size() > 1:
-        last = ps.get_pipeline_model_parallel_last_rank()
-        dist.broadcast(logits, last, group=ps.get_pipeline_model_parallel_group())
-    return logits.float()
-
-
-def _pipeline_forward(chunks, toks, positions):
-    """Forward through the pipeline stages by hand (send/recv the hidden states)."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-
-    (model,) = chunks
-    group = ps.get_pipeline_model_parallel_group()
     with torch.no_grad():
-        if not ps.is_pipeline_first_stage(ignore_virtual=True):
-            cfg = model.config
-            hidden = torch.empty(toks.shape[1] // ps.get_tensor_model_parallel_world_size()
-                                 if cfg.sequence_parallel else toks.shape[1],
-                                 toks.shape[0], cfg.hidden_size)
-            dist.recv(hidden, ps.get_pipeline_model_parallel_prev_rank(), group=None)
+        if not ps.is_pipeline_first_stage(ignore_virtual=True):  # PP: hidden states by hand
+            hidden = torch.empty(toks.shape[1], toks.shape[0], model_cfg.hidden_size)
+            dist.recv(hidden, ps.get_pipeline_model_parallel_prev_rank())
             model.set_input_tensor(hidden)
         out = model(toks, positions, None)
         if not ps.is_pipeline_last_stage(ignore_virtual=True):
             dist.send(out.contiguous(), ps.get_pipeline_model_parallel_next_rank())
-    del group
-    return out
+            out = torch.empty(*toks.shape, model_cfg.vocab_size)
+        else:
+            out = gather_from_tensor_model_parallel_region(out).contiguous()
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        dist.broadcast(out, ps.get_pipeline_model_parallel_last_rank(),
+                       group=ps.get_pipeline_model_parallel_group())
+    return out.float()
 
 
-def env_offline() -> None:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Layouts that load the single-process import (TP1-written) on 2 ranks, per model kind.
+LOAD_LAYOUTS = {
+    "mistral-v0.1": {"tp2": dict(tensor_parallel=2), "pp2": dict(pipeline_parallel=2)},
+    "mistral-v0.3": {"tp2": dict(tensor_parallel=2)},
+    "mixtral": {"ep2": dict(expert_parallel=2),
+                "tp2_sp": dict(tensor_parallel=2, sequence_parallel=True)},
+}
+# Imports written by 2 ranks at the target layout.
+IMPORT_LAYOUTS = {"mistral-v0.1": ("tp2", dict(tensor_parallel=2)),
+                  "mixtral": ("ep2", dict(expert_parallel=2))}
+
+
+def parallel_conversion(root: str, reference: dict[str, torch.Tensor]) -> dict:
+    """On each of 2 gloo ranks: max |megatron - HF| logits for every layout above, for imports
+    written by both ranks, and a TP2 reshard-and-save of the mistral-v0.1 import."""
+    from clinmega.config import ParallelConfig, PrecisionConfig, RuntimeConfig
+    from clinmega.conversion import import_hf
+    from clinmega.conversion.checkpoint_info import hf_model_config
+    from clinmega.models import build_model
+    from clinmega.models.dist_ckpt import load_model_weights, save_model_weights
+    from clinmega.runtime import init_model_parallel, init_process_group
+
+    init_process_group(RuntimeConfig())
+    root = Path(root)
+    results = {}
+
+    def diff(kind, parallel, ckpt):
+        cfg = hf_model_config(root / kind / "hf")
+        init_model_parallel(parallel, RuntimeConfig())
+        logits = megatron_logits(cfg, parallel, ckpt, tokens(cfg.vocab_size))
+        return (logits - reference[kind]).abs().max().item()
+
+    for kind, layouts in LOAD_LAYOUTS.items():
+        for name, fields in layouts.items():
+            results[f"{kind}/load_{name}"] = diff(kind, ParallelConfig(**fields), root / kind / "tp1")
+    for kind, (name, fields) in IMPORT_LAYOUTS.items():
+        out = root / kind / f"import2_{name}"
+        import_hf(root / kind / "hf", out, ParallelConfig(**fields), progress=False)
+        results[f"{kind}/import2_{name}"] = diff(kind, ParallelConfig(), out)
+    tp2 = ParallelConfig(tensor_parallel=2)
+    init_model_parallel(tp2, RuntimeConfig())
+    cfg = hf_model_config(root / "mistral-v0.1" / "hf")
+    chunks = build_model(cfg, tp2, PrecisionConfig(dtype="fp32"), RuntimeConfig())
+    load_model_weights(chunks, root / "mistral-v0.1" / "tp1")
+    save_model_weights(chunks, root / "mistral-v0.1" / "resaved_tp2")
+    return results

@@ -15,6 +15,7 @@ preallocated tensor, without megatron-core or a process group.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -148,7 +149,10 @@ class DistCheckpointReader:
         tensor = torch.empty(sizes, dtype=self.dtype(key))
         planner = _RegionLoadPlanner({key: (offsets, tensor)})
         try:
-            dcp.load({key: tensor}, storage_reader=self._reader, planner=planner, no_dist=True)
+            with warnings.catch_warnings():  # "no process group: single-process load" is intended
+                warnings.simplefilter("ignore", UserWarning)
+                dcp.load(state_dict={key: tensor}, storage_reader=self._reader, planner=planner,
+                         no_dist=True)
         except Exception as err:
             raise ConversionError(f"{self.directory}: cannot read tensor {key!r} at {offsets}: "
                                   f"{err}") from None
