@@ -28,6 +28,7 @@ from megatron.core.dist_checkpointing.strategies.torch import (
     _replace_state_dict_keys_with_sharded_keys,
     mcore_to_pyt_state_dict,
 )
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, TensorStorageMetadata
 from torch.distributed.checkpoint.planner import LoadPlan, WriteItemType
@@ -73,7 +74,14 @@ class ProducingSaveStrategy(TorchDistSaveShardedStrategy):
                                       thread_count=1)
         planner = _ProducingPlanner(self.produce, flatten_state_dict=False,
                                     flatten_sharded_tensors=False)
-        dcp.save(pyt_state_dict, storage_writer=writer, planner=planner)
+        try:
+            dcp.save(pyt_state_dict, storage_writer=writer, planner=planner)
+        except CheckpointException as err:  # DCP wraps what the producer raised: re-raise it
+            for failure in err.failures.values():
+                cause = failure[0] if isinstance(failure, tuple) else failure
+                if isinstance(cause, (ConversionError, KeyboardInterrupt, SystemExit)):
+                    raise cause from None
+            raise
 
 
 def save_produced(sharded_state_dict: dict, directory: str | Path, produce: Producer) -> None:

@@ -45,17 +45,18 @@ def validate_hf(reader: HFReader, cfg: ModelConfig, table: list[Mapping]) -> Non
         raise ConversionError(
             f"{reader.folder}: missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}"
             f" ({len(missing)} of {len(expected)} that config.json implies)")
-    for name, info in reader.tensors.items():
-        if name not in expected:
-            if not name.endswith(IGNORED_SUFFIXES):
-                raise ConversionError(f"{info.file}: unexpected tensor {name!r} (not part of a "
-                                      f"{cfg.arch} model with this config.json)")
-        elif info.shape != expected[name]:
+    for name, shape in expected.items():
+        info = reader.tensors[name]
+        if info.shape != shape:
             raise ConversionError(f"{info.file}: tensor {name!r} has shape {list(info.shape)}, "
-                                  f"config.json implies {list(expected[name])}")
-        elif info.dtype not in dtypes.NAMES:
+                                  f"config.json implies {list(shape)}")
+        if info.dtype not in dtypes.NAMES:
             raise ConversionError(f"{info.file}: tensor {name!r} has dtype {info.dtype}; only "
                                   "fp32/bf16/fp16 weights are supported")
+    for name, info in reader.tensors.items():
+        if name not in expected and not name.endswith(IGNORED_SUFFIXES):
+            raise ConversionError(f"{info.file}: unexpected tensor {name!r} (not part of a "
+                                  f"{cfg.arch} model with this config.json)")
 
 
 class _Producer:
