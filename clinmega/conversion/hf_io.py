@@ -15,6 +15,7 @@ documented by the safetensors project.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import struct
 from dataclasses import dataclass
@@ -212,6 +213,8 @@ class SafetensorsWriter:
 
     def _close_stream(self) -> None:
         if self._stream is not None:
+            self._stream.flush()
+            os.fsync(self._stream.fileno())  # on disk before the output folder is committed
             self._stream.close()
             self._stream = None
 
