@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -125,7 +124,8 @@ def parallel_conversion(root: str, reference: dict[str, torch.Tensor]) -> dict:
 
     for kind, layouts in LOAD_LAYOUTS.items():
         for name, fields in layouts.items():
-            results[f"{kind}/load_{name}"] = diff(kind, ParallelConfig(**fields), root / kind / "tp1")
+            ckpt = root / kind / "tp1"
+            results[f"{kind}/load_{name}"] = diff(kind, ParallelConfig(**fields), ckpt)
     for kind, (name, fields) in IMPORT_LAYOUTS.items():
         out = root / kind / f"import2_{name}"
         import_hf(root / kind / "hf", out, ParallelConfig(**fields), progress=False)

@@ -70,7 +70,8 @@ def test_round_trip_is_bit_exact_and_loads_in_transformers(models, kind, tmp_pat
     summary = export_hf(ckpt, tmp_path / "out", progress=False)
     assert summary.tensors == len(read_all(hf)) and summary.peak_rss > 0
     assert_bit_exact(hf, tmp_path / "out")
-    assert (tmp_path / "out" / "tokenizer.model").read_bytes() == (hf / "tokenizer.model").read_bytes()
+    tokenizer = (tmp_path / "out" / "tokenizer.model").read_bytes()
+    assert tokenizer == (hf / "tokenizer.model").read_bytes()
     assert json.loads((tmp_path / "out" / "config.json").read_text())["torch_dtype"] == "float32"
     cfg = hf_model_config(hf)
     logits = cc.hf_logits(tmp_path / "out", cc.tokens(cfg.vocab_size))

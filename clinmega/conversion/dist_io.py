@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import warnings
 from pathlib import Path
-from typing import Callable
+from typing import Protocol
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -36,15 +36,29 @@ from torch.distributed.checkpoint.planner_helpers import create_read_items_for_c
 
 from clinmega.conversion.errors import ConversionError
 
-# produce(key, offsets, sizes, dtype) -> tensor of shape ``sizes`` (the chunk at ``offsets`` of
-# the global tensor ``key``) in ``dtype``.
-Producer = Callable[[str, tuple[int, ...], tuple[int, ...], torch.dtype], torch.Tensor]
+class Producer(Protocol):
+    """Makes the data of checkpoint chunks on demand."""
+
+    def expect(self, chunks: list[tuple[str, tuple[int, ...], torch.dtype]]) -> None:
+        """The (key, offsets, dtype) of the chunks to come, in the order they will be asked."""
+
+    def __call__(self, key: str, offsets: tuple[int, ...], sizes: tuple[int, ...],
+                 dtype: torch.dtype) -> torch.Tensor:
+        """The chunk at ``offsets`` of global tensor ``key``: shape ``sizes``, ``dtype``."""
 
 
 class _ProducingPlanner(MCoreSavePlanner):
     def __init__(self, produce: Producer, **kwargs):
         super().__init__(**kwargs)
         self.produce = produce
+
+    def finish_plan(self, new_plan):
+        plan = super().finish_plan(new_plan)
+        # FileSystemWriter(single_file_per_rank=False) writes the items in plan order.
+        self.produce.expect([(item.index.fqn, tuple(item.tensor_data.chunk.offsets),
+                              item.tensor_data.properties.dtype)
+                             for item in plan.items if item.type != WriteItemType.BYTE_IO])
+        return plan
 
     def resolve_data(self, write_item):
         if write_item.type == WriteItemType.BYTE_IO:
@@ -70,10 +84,15 @@ class ProducingSaveStrategy(TorchDistSaveShardedStrategy):
         flat, _, _ = _replace_state_dict_keys_with_sharded_keys(
             sharded_state_dict, self.keep_only_main_replica)
         pyt_state_dict = mcore_to_pyt_state_dict(flat, False)
+        # One file per item keeps no earlier tensor alive; no per-file fsync (staging.commit
+        # syncs the whole folder once, so writeback overlaps conversion).
         writer = dcp.FileSystemWriter(str(checkpoint_dir), single_file_per_rank=False,
-                                      thread_count=1)
+                                      thread_count=1, sync_files=False)
         planner = _ProducingPlanner(self.produce, flatten_state_dict=False,
                                     flatten_sharded_tensors=False)
+        crc32 = torch.serialization.get_crc32_options()
+        # torch.load never checks the zip CRC32 of a record; computing it costs ~10 % of the time.
+        torch.serialization.set_crc32_options(False)
         try:
             dcp.save(pyt_state_dict, storage_writer=writer, planner=planner)
         except CheckpointException as err:  # DCP wraps what the producer raised: re-raise it
@@ -82,6 +101,8 @@ class ProducingSaveStrategy(TorchDistSaveShardedStrategy):
                 if isinstance(cause, (ConversionError, KeyboardInterrupt, SystemExit)):
                     raise cause from None
             raise
+        finally:
+            torch.serialization.set_crc32_options(crc32)
 
 
 def save_produced(sharded_state_dict: dict, directory: str | Path, produce: Producer) -> None:

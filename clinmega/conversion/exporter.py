@@ -15,7 +15,8 @@ from clinmega.conversion.checkpoint_info import ASSETS_DIR, read_model_config
 from clinmega.conversion.dist_io import DistCheckpointReader
 from clinmega.conversion.errors import ConversionError
 from clinmega.conversion.hf_io import PlannedTensor, SafetensorsWriter, copy_assets, write_json
-from clinmega.conversion.mapping import EXPERT, LAYER, Mapping, mapping_table, units
+from clinmega.conversion.mapping import EXPERT, LAYER, Mapping, Unit, mapping_table, units
+from clinmega.conversion.prefetch import Prefetcher
 from clinmega.conversion.progress import Summary, Tracker
 from clinmega.models.hf import to_hf_config
 
@@ -63,30 +64,35 @@ def export_hf(ckpt_dir: str | Path, out_dir: str | Path, model: ModelConfig | No
     keys = stored_keys(reader, cfg, table)
     out_dtype = dtypes.parse(dtype) or reader.dtype(keys[table[0]])
     dtypes.name_of(out_dtype, str(ckpt_dir))
-    plan = [u for u in units(cfg, table)]
+    plan = units(cfg, table)
     planned = [PlannedTensor(name, shape, out_dtype) for u in plan
                for name, shape in zip(u.hf_names, u.mapping.hf_shapes)]
-    assets = Path(assets) if assets else ckpt_dir / ASSETS_DIR
-    if not assets.is_dir() and assets != ckpt_dir / ASSETS_DIR:
+    if assets is None:
+        assets = ckpt_dir / ASSETS_DIR if (ckpt_dir / ASSETS_DIR).is_dir() else None
+    elif not Path(assets).is_dir():
         raise ConversionError(f"{assets}: tokenizer/assets folder does not exist")
     tracker = Tracker(f"export {ckpt_dir.name}", str(out_dir),
                       sum(t.nbytes for t in planned), show=progress)
     try:
         with staging.staged(out_dir, overwrite) as tmp:
             writer = SafetensorsWriter(tmp, planned, max_shard_bytes)
-            for unit in plan:
-                shape = unit.mapping.shape
-                index = unit.index
-                full = reader.read(keys[unit.mapping], index + (0,) * len(shape),
+
+            def read(unit: Unit):
+                shape, index = unit.mapping.shape, unit.index
+                return reader.read(keys[unit.mapping], index + (0,) * len(shape),
                                    (1,) * len(index) + shape).reshape(shape)
-                for name, tensor in zip(unit.hf_names, unit.mapping.megatron_to_hf(full)):
-                    tensor = dtypes.cast(tensor, out_dtype, name, allow_downcast)
-                    tracker.advance(name, writer.write(name, tensor))
-                del full
+
+            with Prefetcher(read, plan) as prefetch:  # read the next unit while writing this one
+                for unit in plan:
+                    full = prefetch.get(unit)
+                    for name, tensor in zip(unit.hf_names, unit.mapping.megatron_to_hf(full)):
+                        tensor = dtypes.cast(tensor, out_dtype, name, allow_downcast)
+                        tracker.advance(name, writer.write(name, tensor))
+                    del full
             writer.close()
             hf_config = to_hf_config(cfg, torch_dtype=dtypes.HF_NAMES[out_dtype])
             write_json(tmp / "config.json", hf_config)
-            copied = copy_assets(assets if assets.is_dir() else None, tmp)
+            copied = copy_assets(assets, tmp)
             if "generation_config.json" not in copied:
                 write_json(tmp / "generation_config.json",
                            {"bos_token_id": hf_config["bos_token_id"],

@@ -15,7 +15,6 @@ documented by the safetensors project.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import struct
 from dataclasses import dataclass
@@ -213,9 +212,7 @@ class SafetensorsWriter:
 
     def _close_stream(self) -> None:
         if self._stream is not None:
-            self._stream.flush()
-            os.fsync(self._stream.fileno())  # on disk before the output folder is committed
-            self._stream.close()
+            self._stream.close()  # made durable by staging.commit
             self._stream = None
 
     def close(self) -> None:
@@ -236,8 +233,6 @@ def copy_assets(source: str | Path | None, dest: str | Path,
     if source is None:
         return []
     source = Path(source)
-    if not source.is_dir():
-        raise ConversionError(f"{source}: tokenizer/assets folder does not exist")
     copied = []
     for name in names:
         if (source / name).is_file():

@@ -25,8 +25,9 @@ from clinmega.conversion import dtypes, staging
 from clinmega.conversion.checkpoint_info import ASSETS_DIR, hf_model_config, write_info
 from clinmega.conversion.dist_io import save_produced
 from clinmega.conversion.errors import ConversionError
-from clinmega.conversion.hf_io import HFReader, copy_assets
+from clinmega.conversion.hf_io import ASSET_FILES, HFReader, copy_assets
 from clinmega.conversion.mapping import Mapping, mapping_table, units
+from clinmega.conversion.prefetch import Prefetcher
 from clinmega.conversion.progress import Summary, Tracker
 from clinmega.models import build_model, check_layout, resolve_transformer_impl
 from clinmega.models.dist_ckpt import model_sharded_state_dict
@@ -60,30 +61,56 @@ def validate_hf(reader: HFReader, cfg: ModelConfig, table: list[Mapping]) -> Non
 
 
 class _Producer:
-    """Makes checkpoint chunks from HF tensors, one mapping unit (layer, expert) at a time."""
+    """Makes checkpoint chunks from HF tensors, one mapping unit (layer, expert) at a time; the
+    next unit is read while the current one is written."""
 
     def __init__(self, reader: HFReader, by_key: dict[str, Mapping], allow_downcast: bool,
                  tracker: Tracker):
         self.reader, self.by_key = reader, by_key
         self.allow_downcast, self.tracker = allow_downcast, tracker
+        self._prefetch: Prefetcher | None = None
         self._unit: tuple | None = None
         self._full: torch.Tensor | None = None
 
-    def __call__(self, key, offsets, sizes, dtype) -> torch.Tensor:
+    def _unit_of(self, key: str, offsets: tuple[int, ...], dtype: torch.dtype) -> tuple:
+        return key, offsets[:self.by_key[key].scope], dtype
+
+    def _make(self, unit: tuple) -> torch.Tensor:
+        """The full (unsharded) megatron tensor of one unit, in the checkpoint dtype."""
+        key, lead, dtype = unit
         mapping = self.by_key[key]
-        lead = offsets[:mapping.scope]
-        if self._unit != (key, lead, dtype):
-            self._full = None  # release the previous unit before reading the next
-            names = mapping.hf_names(*lead)
-            full = mapping.hf_to_megatron(self.reader.read(names))
-            self._full = dtypes.cast(full, dtype, ", ".join(names), self.allow_downcast)
-            self._unit = (key, lead, dtype)
+        names = mapping.hf_names(*lead)
+        full = mapping.hf_to_megatron(self.reader.read(names))
+        return dtypes.cast(full, dtype, ", ".join(names), self.allow_downcast)
+
+    def expect(self, chunks) -> None:
+        order = []
+        for chunk in chunks:
+            unit = self._unit_of(*chunk)
+            if not order or order[-1] != unit:
+                order.append(unit)
+        self.close()
+        self._prefetch = Prefetcher(self._make, order)
+
+    def __call__(self, key, offsets, sizes, dtype) -> torch.Tensor:
+        unit = self._unit_of(key, offsets, dtype)
+        if self._unit != unit:
+            self._full = None  # release the previous unit before taking the next
+            self._full = self._prefetch.get(unit) if self._prefetch else self._make(unit)
+            self._unit = unit
+        scope = self.by_key[key].scope
         region = self._full
-        for dim, (start, size) in enumerate(zip(offsets[mapping.scope:], sizes[mapping.scope:])):
+        for dim, (start, size) in enumerate(zip(offsets[scope:], sizes[scope:])):
             region = region.narrow(dim, start, size)
         region = region.reshape(sizes)
         self.tracker.advance(key, region.nbytes)
         return region
+
+    def close(self) -> None:
+        if self._prefetch is not None:
+            self._prefetch.close()
+            self._prefetch = None
+        self._full = self._unit = None
 
 
 def _sharded_target(cfg: ModelConfig, parallel: ParallelConfig, dtype: torch.dtype,
@@ -151,24 +178,25 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, parallel: ParallelConfig 
                       show=progress and rank0)
     producer = _Producer(reader, {m.ckpt_key(impl): m for m in table}, allow_downcast, tracker)
     tmp = staging.staging_dir(out_dir)
-    if rank0:
-        staging.prepare(out_dir)
-    dist.barrier()
     try:
+        if rank0:
+            staging.prepare(out_dir)
+        dist.barrier()
         save_produced(sharded, tmp, producer)
         if rank0:
             write_info(tmp, cfg, source=str(hf_dir.resolve()), dtype=dtypes.NAMES[out_dtype],
                        parallel=dataclasses.asdict(parallel), transformer_impl=impl)
             (tmp / ASSETS_DIR).mkdir()
-            copy_assets(hf_dir, tmp / ASSETS_DIR)
-            (tmp / ASSETS_DIR / "config.json").write_bytes((hf_dir / "config.json").read_bytes())
+            copy_assets(hf_dir, tmp / ASSETS_DIR, (*ASSET_FILES, "config.json"))
+        dist.barrier()
+        if rank0:
+            staging.commit(out_dir)
+        dist.barrier()
     except BaseException:
-        tracker.finish()
         if rank0:
             staging.abort(out_dir)
         raise
-    dist.barrier()
-    if rank0:
-        staging.commit(out_dir)
-    dist.barrier()
-    return tracker.finish()
+    finally:
+        producer.close()
+        summary = tracker.finish()
+    return summary

@@ -41,12 +41,27 @@ def prepare(out: str | Path) -> Path:
     return tmp
 
 
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def commit(out: str | Path) -> None:
-    """Replace ``out`` by the complete staging folder."""
+    """Make the staging folder durable (files are written without per-file fsync, so the kernel
+    writes back while conversion goes on), then replace ``out`` by it."""
     out = Path(out)
+    tmp = staging_dir(out)
+    for path in sorted(tmp.rglob("*")):
+        if path.is_file():
+            _fsync(path)
+    _fsync(tmp)
     if out.exists():
         shutil.rmtree(out)
-    os.replace(staging_dir(out), out)
+    os.replace(tmp, out)
+    _fsync(out.parent)
 
 
 def abort(out: str | Path) -> None:
