@@ -151,7 +151,9 @@ def build_model_chunk(model: ModelConfig, config: TransformerConfig, pre_process
         rotary_base=int(model.rope_theta),
         vp_stage=vp_stage,
     )
-    if torch.cuda.is_available():
+    # A model built under ``torch.device("meta")`` (shapes only, e.g. checkpoint conversion)
+    # stays there: meta tensors cannot be copied to a device.
+    if torch.cuda.is_available() and not any(p.is_meta for p in gpt.parameters()):
         gpt.cuda(torch.cuda.current_device())
     return gpt
 

@@ -1,0 +1,134 @@
+"""``import-hf`` / ``export-hf`` sub-commands; ``register(subparsers)`` adds them to a CLI."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from typing import Sequence
+
+from clinmega.config.errors import ConfigError
+from clinmega.config.schema import DTYPES, TRANSFORMER_IMPLS, ParallelConfig
+from clinmega.conversion.errors import ConversionError
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """'5GB' -> 5_000_000_000, '500MiB' -> 524_288_000, '1024' -> 1024."""
+    match = _SIZE.match(text)
+    unit = (match.group(2) or "").upper() if match else None
+    if not match or unit not in _UNITS:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r} (e.g. 5GB, 500MB, 2GiB)")
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dtype", choices=DTYPES, default=None,
+                        help="dtype to write (default: the source's); a cast that changes values "
+                             "is refused without --allow-downcast")
+    parser.add_argument("--allow-downcast", action="store_true",
+                        help="accept a narrowing cast that loses precision")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a non-empty output folder")
+    parser.add_argument("--no-progress", dest="progress", action="store_false",
+                        help="no progress bar")
+
+
+def add_import_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("hf_dir", help="HF model folder (config.json + safetensors)")
+    parser.add_argument("out_dir", help="output megatron-core distributed checkpoint folder")
+    layout = parser.add_argument_group("target layout (checked on one process; written by "
+                                       "each rank under torchrun/Slurm)")
+    layout.add_argument("--tp", type=int, default=1, help="tensor parallel size")
+    layout.add_argument("--pp", type=int, default=1, help="pipeline parallel size")
+    layout.add_argument("--vpp", type=int, default=None, help="virtual pipeline stages per rank")
+    layout.add_argument("--ep", type=int, default=1, help="expert parallel size")
+    layout.add_argument("--etp", type=int, default=None,
+                        help="expert tensor parallel size (default: --tp)")
+    parser.add_argument("--allow-pickle", action="store_true",
+                        help="read pytorch_model*.bin (torch.load weights_only=True)")
+    parser.add_argument("--transformer-impl", choices=TRANSFORMER_IMPLS, default="auto",
+                        help="layer implementation whose checkpoint keys to write")
+    _common(parser)
+    parser.set_defaults(func=run_import)
+
+
+def add_export_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("ckpt_dir", help="megatron-core distributed checkpoint folder")
+    parser.add_argument("out_dir", help="output HF model folder")
+    model = parser.add_mutually_exclusive_group()
+    model.add_argument("--config", help="HF config.json (or its folder) of the architecture "
+                                        "(default: the one import recorded in the checkpoint)")
+    model.add_argument("--preset", help="clinmega model preset name instead of --config")
+    parser.add_argument("--tokenizer", help="folder with tokenizer / generation_config files "
+                                            "(default: <ckpt_dir>/hf_assets)")
+    parser.add_argument("--max-shard-size", type=parse_size, default=parse_size("5GB"),
+                        help="largest safetensors shard (default 5GB)")
+    _common(parser)
+    parser.set_defaults(func=run_export)
+
+
+def _report(summary) -> int:
+    print(summary)
+    return 0
+
+
+def run_import(args: argparse.Namespace) -> int:
+    from clinmega.conversion.importer import import_hf
+    from clinmega.runtime import shutdown
+
+    try:
+        parallel = ParallelConfig(tensor_parallel=args.tp, pipeline_parallel=args.pp,
+                                  virtual_pipeline_parallel=args.vpp, expert_parallel=args.ep,
+                                  expert_tensor_parallel=args.etp,
+                                  sequence_parallel=args.tp > 1)
+        return _report(import_hf(args.hf_dir, args.out_dir, parallel, args.dtype,
+                                 allow_downcast=args.allow_downcast,
+                                 allow_pickle=args.allow_pickle, overwrite=args.overwrite,
+                                 transformer_impl=args.transformer_impl,
+                                 progress=args.progress))
+    except (ConversionError, ConfigError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        shutdown()
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from clinmega.conversion.checkpoint_info import hf_model_config
+    from clinmega.conversion.exporter import export_hf
+    from clinmega.models import get_preset
+
+    try:
+        model = (hf_model_config(args.config) if args.config else
+                 get_preset(args.preset) if args.preset else None)
+        return _report(export_hf(args.ckpt_dir, args.out_dir, model, args.dtype,
+                                 allow_downcast=args.allow_downcast, assets=args.tokenizer,
+                                 overwrite=args.overwrite, max_shard_bytes=args.max_shard_size,
+                                 progress=args.progress))
+    except (ConversionError, ConfigError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def register(subparsers) -> None:
+    """Add ``import-hf`` and ``export-hf`` to an argparse subparsers object."""
+    add_import_arguments(subparsers.add_parser(
+        "import-hf", help="HF folder -> megatron-core distributed checkpoint",
+        description="Convert a HF Mistral/Mixtral folder into a megatron-core distributed "
+                    "checkpoint, one tensor at a time."))
+    add_export_arguments(subparsers.add_parser(
+        "export-hf", help="megatron-core distributed checkpoint -> HF folder",
+        description="Convert a megatron-core distributed checkpoint into a HF folder "
+                    "(sharded safetensors, config, tokenizer), one tensor at a time."))
+
+
+def main(command: str, argv: Sequence[str] | None = None) -> int:
+    """Run one sub-command (used by the scripts in the repository's ``conversion/`` folder)."""
+    parser = argparse.ArgumentParser(prog=f"clinmega {command}")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args([command, *(sys.argv[1:] if argv is None else argv)])
+    return args.func(args)

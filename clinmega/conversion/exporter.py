@@ -1,0 +1,102 @@
+"""megatron-core distributed checkpoint -> HF folder (sharded safetensors, config, tokenizer).
+
+One mapping unit (a layer's tensor, or one expert's) is read from the checkpoint at a time,
+turned into its HF tensor(s) and appended to a streaming safetensors writer, so peak memory is
+about the largest single tensor whatever the model size. Runs on one process, no process group.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from clinmega.config.schema import ModelConfig
+from clinmega.conversion import dtypes, staging
+from clinmega.conversion.checkpoint_info import ASSETS_DIR, read_model_config
+from clinmega.conversion.dist_io import DistCheckpointReader
+from clinmega.conversion.errors import ConversionError
+from clinmega.conversion.hf_io import PlannedTensor, SafetensorsWriter, copy_assets, write_json
+from clinmega.conversion.mapping import EXPERT, LAYER, Mapping, Unit, mapping_table, units
+from clinmega.conversion.prefetch import Prefetcher
+from clinmega.conversion.progress import Summary, Tracker
+from clinmega.models.hf import to_hf_config
+
+MODEL_PREFIXES = ("embedding.", "decoder.", "output_layer.")
+
+
+def stored_keys(reader: DistCheckpointReader, cfg: ModelConfig,
+                table: list[Mapping]) -> dict[Mapping, str]:
+    """The checkpoint key of each mapping (local or TE spec), shapes checked against ``cfg``."""
+    keys = {}
+    for m in table:
+        key = next((k for k in (m.key, m.te_key) if k and k in reader.tensors), None)
+        if key is None:
+            raise ConversionError(f"{reader.directory}: tensor {m.key!r} is missing (a {cfg.arch}"
+                                  " checkpoint must hold it)")
+        lead = {LAYER: (cfg.num_layers,), EXPERT: (cfg.num_layers, cfg.num_experts)}
+        expected = lead.get(m.scope, ()) + m.shape
+        if reader.shape(key) != expected:
+            raise ConversionError(f"{reader.directory}: tensor {key!r} has shape "
+                                  f"{list(reader.shape(key))}, the model config implies "
+                                  f"{list(expected)}")
+        keys[m] = key
+    unexpected = sorted(k for k in reader.tensors
+                        if k.startswith(MODEL_PREFIXES) and k not in keys.values())
+    if unexpected:
+        raise ConversionError(f"{reader.directory}: unexpected model tensor(s) {unexpected[:5]} "
+                              f"(not part of a {cfg.arch} model)")
+    return keys
+
+
+def export_hf(ckpt_dir: str | Path, out_dir: str | Path, model: ModelConfig | None = None,
+              dtype: str | None = None, *, allow_downcast: bool = False,
+              assets: str | Path | None = None, overwrite: bool = False,
+              max_shard_bytes: int = 5 * 10**9, progress: bool = True) -> Summary:
+    """Write the model in distributed checkpoint ``ckpt_dir`` as a HF folder ``out_dir``.
+
+    ``model`` defaults to the config import recorded in the checkpoint; ``dtype`` to the stored
+    embedding dtype; tokenizer and generation config come from ``assets`` or the files import
+    kept in ``<ckpt_dir>/hf_assets``.
+    """
+    ckpt_dir, out_dir = Path(ckpt_dir), Path(out_dir)
+    reader = DistCheckpointReader(ckpt_dir)
+    cfg = model or read_model_config(ckpt_dir)
+    table = mapping_table(cfg)
+    keys = stored_keys(reader, cfg, table)
+    out_dtype = dtypes.parse(dtype) or reader.dtype(keys[table[0]])
+    dtypes.name_of(out_dtype, str(ckpt_dir))
+    plan = units(cfg, table)
+    planned = [PlannedTensor(name, shape, out_dtype) for u in plan
+               for name, shape in zip(u.hf_names, u.mapping.hf_shapes)]
+    if assets is None:
+        assets = ckpt_dir / ASSETS_DIR if (ckpt_dir / ASSETS_DIR).is_dir() else None
+    elif not Path(assets).is_dir():
+        raise ConversionError(f"{assets}: tokenizer/assets folder does not exist")
+    tracker = Tracker(f"export {ckpt_dir.name}", str(out_dir),
+                      sum(t.nbytes for t in planned), show=progress)
+    try:
+        with staging.staged(out_dir, overwrite) as tmp:
+            writer = SafetensorsWriter(tmp, planned, max_shard_bytes)
+
+            def read(unit: Unit):
+                shape, index = unit.mapping.shape, unit.index
+                return reader.read(keys[unit.mapping], index + (0,) * len(shape),
+                                   (1,) * len(index) + shape).reshape(shape)
+
+            with Prefetcher(read, plan) as prefetch:  # read the next unit while writing this one
+                for unit in plan:
+                    full = prefetch.get(unit)
+                    for name, tensor in zip(unit.hf_names, unit.mapping.megatron_to_hf(full)):
+                        tensor = dtypes.cast(tensor, out_dtype, name, allow_downcast)
+                        tracker.advance(name, writer.write(name, tensor))
+                    del full
+            writer.close()
+            hf_config = to_hf_config(cfg, torch_dtype=dtypes.HF_NAMES[out_dtype])
+            write_json(tmp / "config.json", hf_config)
+            copied = copy_assets(assets, tmp)
+            if "generation_config.json" not in copied:
+                write_json(tmp / "generation_config.json",
+                           {"bos_token_id": hf_config["bos_token_id"],
+                            "eos_token_id": hf_config["eos_token_id"]})
+    finally:
+        summary = tracker.finish()
+    return summary

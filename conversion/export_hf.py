@@ -1,0 +1,11 @@
+"""Export a checkpoint: `python conversion/export_hf.py --help` (same as `clinmega export-hf`)."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a source checkout
+
+from clinmega.conversion.cli import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main("export-hf"))

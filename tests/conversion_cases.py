@@ -1,0 +1,139 @@
+"""Shared helpers for the conversion tests: tiny random HF models and logits on both sides."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+TOKENS_SEQ = 24  # longer than the tiny v0.1 sliding window (8)
+
+HF_SHAPES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                 max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=False,
+                 initializer_range=0.1)
+KINDS = {
+    "mistral-v0.1": dict(vocab_size=32000, rope_theta=10_000.0, sliding_window=8),
+    "mistral-v0.3": dict(vocab_size=32768, rope_theta=1_000_000.0, sliding_window=None),
+    "mixtral": dict(vocab_size=32000, rope_theta=1_000_000.0, num_local_experts=8,
+                    num_experts_per_tok=2, router_aux_loss_coef=0.02),
+}
+TOKENIZER = Path(__import__("mistral_common").__file__).parent / "data" / "tokenizer.model.v1"
+
+
+def make_hf_model(kind: str, folder: str | Path, seed: int = 0, dtype=torch.float32,
+                  max_shard_size: str | None = None) -> Path:
+    """Save a tiny random HF model of ``kind`` (norm weights randomised too) to ``folder``."""
+    from transformers import MistralConfig, MistralForCausalLM, MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(seed)
+    fields = {**HF_SHAPES, **KINDS[kind]}
+    if kind == "mixtral":
+        model = MixtralForCausalLM(MixtralConfig(**fields))
+    else:
+        model = MistralForCausalLM(MistralConfig(**fields))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+    model = model.to(dtype)
+    folder = Path(folder)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(folder, **kwargs)
+    (folder / "tokenizer.model").write_bytes(TOKENIZER.read_bytes())
+    return folder
+
+
+def tokens(vocab: int, batch: int = 2, seq: int = TOKENS_SEQ) -> torch.Tensor:
+    return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(1))
+
+
+def hf_logits(folder: str | Path, toks: torch.Tensor) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    model.eval()
+    with torch.no_grad():
+        return model(toks).logits.float()
+
+
+def megatron_logits(model_cfg, parallel, ckpt: str | Path, toks: torch.Tensor) -> torch.Tensor:
+    """fp32 logits [b, s, v] of checkpoint ``ckpt`` loaded at ``parallel`` (parallel state already
+    initialised for it), on every rank: the last pipeline stage has them (vocab-parallel, gathered
+    across TP) and broadcasts them to the other stages."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    from clinmega.config import PrecisionConfig, RuntimeConfig
+    from clinmega.models import build_model
+    from clinmega.models.dist_ckpt import load_model_weights
+
+    (model,) = build_model(model_cfg, parallel, PrecisionConfig(dtype="fp32"), RuntimeConfig())
+    load_model_weights([model], ckpt)
+    model.eval()
+    positions = torch.arange(toks.shape[1]).repeat(toks.shape[0], 1)
+    with torch.no_grad():
+        if not ps.is_pipeline_first_stage(ignore_virtual=True):  # PP: hidden states by hand
+            hidden = torch.empty(toks.shape[1], toks.shape[0], model_cfg.hidden_size)
+            dist.recv(hidden, ps.get_pipeline_model_parallel_prev_rank())
+            model.set_input_tensor(hidden)
+        out = model(toks, positions, None)
+        if not ps.is_pipeline_last_stage(ignore_virtual=True):
+            dist.send(out.contiguous(), ps.get_pipeline_model_parallel_next_rank())
+            out = torch.empty(*toks.shape, model_cfg.vocab_size)
+        else:
+            out = gather_from_tensor_model_parallel_region(out).contiguous()
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        dist.broadcast(out, ps.get_pipeline_model_parallel_last_rank(),
+                       group=ps.get_pipeline_model_parallel_group())
+    return out.float()
+
+
+# Layouts that load the single-process import (TP1-written) on 2 ranks, per model kind.
+LOAD_LAYOUTS = {
+    "mistral-v0.1": {"tp2": dict(tensor_parallel=2), "pp2": dict(pipeline_parallel=2)},
+    "mistral-v0.3": {"tp2": dict(tensor_parallel=2)},
+    "mixtral": {"ep2": dict(expert_parallel=2),
+                "tp2_sp": dict(tensor_parallel=2, sequence_parallel=True)},
+}
+# Imports written by 2 ranks at the target layout.
+IMPORT_LAYOUTS = {"mistral-v0.1": ("tp2", dict(tensor_parallel=2)),
+                  "mixtral": ("ep2", dict(expert_parallel=2))}
+
+
+def parallel_conversion(root: str, reference: dict[str, torch.Tensor]) -> dict:
+    """On each of 2 gloo ranks: max |megatron - HF| logits for every layout above, for imports
+    written by both ranks, and a TP2 reshard-and-save of the mistral-v0.1 import."""
+    from clinmega.config import ParallelConfig, PrecisionConfig, RuntimeConfig
+    from clinmega.conversion import import_hf
+    from clinmega.conversion.checkpoint_info import hf_model_config
+    from clinmega.models import build_model
+    from clinmega.models.dist_ckpt import load_model_weights, save_model_weights
+    from clinmega.runtime import init_model_parallel, init_process_group
+
+    init_process_group(RuntimeConfig())
+    root = Path(root)
+    results = {}
+
+    def diff(kind, parallel, ckpt):
+        cfg = hf_model_config(root / kind / "hf")
+        init_model_parallel(parallel, RuntimeConfig())
+        logits = megatron_logits(cfg, parallel, ckpt, tokens(cfg.vocab_size))
+        return (logits - reference[kind]).abs().max().item()
+
+    for kind, layouts in LOAD_LAYOUTS.items():
+        for name, fields in layouts.items():
+            ckpt = root / kind / "tp1"
+            results[f"{kind}/load_{name}"] = diff(kind, ParallelConfig(**fields), ckpt)
+    for kind, (name, fields) in IMPORT_LAYOUTS.items():
+        out = root / kind / f"import2_{name}"
+        import_hf(root / kind / "hf", out, ParallelConfig(**fields), progress=False)
+        results[f"{kind}/import2_{name}"] = diff(kind, ParallelConfig(), out)
+    tp2 = ParallelConfig(tensor_parallel=2)
+    init_model_parallel(tp2, RuntimeConfig())
+    cfg = hf_model_config(root / "mistral-v0.1" / "hf")
+    chunks = build_model(cfg, tp2, PrecisionConfig(dtype="fp32"), RuntimeConfig())
+    load_model_weights(chunks, root / "mistral-v0.1" / "tp1")
+    save_model_weights(chunks, root / "mistral-v0.1" / "resaved_tp2")
+    return results
