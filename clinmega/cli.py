@@ -12,14 +12,29 @@ import sys
 
 # Stage packages that contribute verbs, in the order they appear in --help.
 STAGE_CLIS = (
-    "clinmega.models.cli",
+    "clinmega.demo.cli",
+    "clinmega.conversion.cli",
     "clinmega.data.cli",
+    "clinmega.training.cli",
     "clinmega.evaluation.cli",
     "clinmega.launch.cli",
+    "clinmega.models.cli",
 )
 
 
+def _quiet_imports() -> None:
+    """megatron-core and torch warn on import about optional kernels (Apex, TE, CUDA) that the CPU
+    path does not use; `clinmega info` reports what is available instead."""
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*not installed.*")
+    warnings.filterwarnings("ignore", category=DeprecationWarning, module="megatron")
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    _quiet_imports()
     parser = argparse.ArgumentParser(
         prog="clinmega",
         description="Continuous pretraining, instruct tuning (NEFTune) and evaluation of "

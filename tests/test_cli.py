@@ -23,7 +23,8 @@ def test_info_reports_cpu_runtime(capsys):
 
 def test_help_lists_every_verb():
     text = build_parser().format_help()
-    for verb in ("models", "info", "plan", "prepare", "decontaminate", "eval"):
+    for verb in ("demo", "import-hf", "export-hf", "prepare", "decontaminate", "train", "plot",
+                 "eval", "plan", "models", "info"):
         assert verb in text
 
 

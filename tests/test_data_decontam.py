@@ -136,3 +136,21 @@ def test_chat_messages_field_is_checked_per_message(tmp_path):
         )
     )
     assert m["documents_flagged"] == 1 and m["files"][0]["documents_written"] == 1
+
+
+def test_release_layouts_pubmedqa_json_and_mmlu_csv_are_indexed(tmp_path):
+    """Evaluation sets in their release layouts (PMID-keyed JSON, headerless CSV) are read by the
+    evaluation loaders; a training document quoting one of their items is flagged."""
+    from clinmega.evaluation.benchmarks import SYNTHETIC_DIR, load_file
+
+    pubmed = SYNTHETIC_DIR / "pubmedqa" / "synthetic_pubmedqa_test.json"
+    mmlu = sorted((SYNTHETIC_DIR / "mmlu").rglob("*test*.csv"))[0]
+    context = load_file(pubmed)[3].context.split()
+    docs = [{"text": "Background reading: " + " ".join(context[:20]) + " end."},
+            {"text": "An unrelated sentence about trains and rivers and bread. " * 5}]
+    train = write_jsonl(tmp_path / "train.jsonl", docs)
+    m = decontaminate(DecontamConfig(inputs=[str(train)], eval_sets=[str(pubmed), str(mmlu)],
+                                     output_dir=str(tmp_path / "out"), mode="report", workers=1,
+                                     progress=False))
+    flagged = [json.loads(line) for line in (tmp_path / "out" / "flagged.jsonl").read_text().splitlines()]
+    assert m["documents_flagged"] == 1 and flagged[0]["line"] == 1

@@ -124,6 +124,28 @@ class EvalIndex:
         return pos[self.keys[pos] == h]
 
 
+def _benchmark_records(path: Path) -> Iterator[tuple[int, dict[str, Any] | None]]:
+    """(position, record) of an evaluation file; ``None`` records are unreadable lines.
+
+    JSONL is read line by line with the configured ``eval_fields``; the other layouts the
+    evaluation loaders accept (PubMedQA's PMID-keyed JSON, MMLU's headerless CSV) are read by
+    :func:`clinmega.evaluation.benchmarks.load_file` and indexed by question, options and context.
+    """
+    if path.suffix.lower() in (".json", ".csv"):
+        from clinmega.evaluation.benchmarks import load_file
+
+        for position, item in enumerate(load_file(path), start=1):
+            yield position, {"question": item.question, "options": list(item.options),
+                             "context": item.context or ""}
+        return
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            obj, reason, _ = parse_line(raw)
+            if reason == "blank_line":
+                continue
+            yield line_no, obj if reason is None and isinstance(obj, dict) else None
+
+
 def build_eval_index(paths: list[Path], fields: list[str], n: int) -> EvalIndex:
     """Read every evaluation file and index its n-grams (see module doc)."""
     all_keys, sets, items = [], [], []
@@ -133,24 +155,20 @@ def build_eval_index(paths: list[Path], fields: list[str], n: int) -> EvalIndex:
         name = path.name
         names.append(name)
         st = {"path": str(path), "items": 0, "items_too_short": 0, "ngrams": 0, "unreadable_lines": 0}
-        with open(path, "rb") as f:
-            for line_no, raw in enumerate(f, start=1):
-                obj, reason, _ = parse_line(raw)
-                if reason == "blank_line":
-                    continue
-                if reason is not None or not isinstance(obj, dict):
-                    st["unreadable_lines"] += 1
-                    continue
-                st["items"] += 1
-                hashes = [ngram_hashes(t, n) for t in eval_item_texts(obj, fields)]
-                h = np.concatenate(hashes) if hashes else np.zeros(0, dtype=np.uint64)
-                if not len(h):
-                    st["items_too_short"] += 1
-                    continue
-                st["ngrams"] += len(h)
-                all_keys.append(h)
-                sets.append(np.full(len(h), si, dtype=np.int32))
-                items.append(np.full(len(h), line_no, dtype=np.int64))
+        for line_no, obj in _benchmark_records(path):
+            if obj is None:
+                st["unreadable_lines"] += 1
+                continue
+            st["items"] += 1
+            hashes = [ngram_hashes(t, n) for t in eval_item_texts(obj, fields)]
+            h = np.concatenate(hashes) if hashes else np.zeros(0, dtype=np.uint64)
+            if not len(h):
+                st["items_too_short"] += 1
+                continue
+            st["ngrams"] += len(h)
+            all_keys.append(h)
+            sets.append(np.full(len(h), si, dtype=np.int32))
+            items.append(np.full(len(h), line_no, dtype=np.int64))
         if st["unreadable_lines"]:
             raise ValueError(f"{path}: {st['unreadable_lines']} evaluation line(s) are not JSON objects")
         stats[name] = st
