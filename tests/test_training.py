@@ -313,26 +313,26 @@ def test_flops_formula_matches_hand_count():
 
 
 def test_indexed_cpt_source_through_megatron_builder(tmp_path):
-    """Two tiny .bin/.idx prefixes blended by BlendedMegatronDatasetBuilder feed the sampler."""
-    import numpy as np
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+    """Two corpora prepared by ``prepare pretrain`` are blended by megatron-core's
+    BlendedMegatronDatasetBuilder (through clinmega.data.blend) and feed the sampler."""
+    import json
 
-    prefixes = []
-    for name, offset in (("clinical", 0), ("general", 1000)):
-        prefix = str(tmp_path / name)
-        builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.int32)
-        rng = np.random.default_rng(offset)
-        for _ in range(20):
-            builder.add_document(torch.from_numpy(rng.integers(offset, offset + 500, 50,
-                                                               dtype=np.int32)), [50])
-        builder.finalize(prefix + ".idx")
-        prefixes.append(prefix)
+    from clinmega.data.config import PretrainPrepConfig
+    from clinmega.data.pretrain import prepare_pretrain
     from clinmega.training.data import GlobalBatchSampler, build_sources
 
+    prefixes = []
+    for name, word in (("clinical", "fever"), ("general", "river")):
+        src = tmp_path / f"{name}.jsonl"
+        src.write_text("".join(json.dumps({"text": f"{word} {i} " * 40}) + "\n" for i in range(30)))
+        prefix = str(tmp_path / name)
+        prepare_pretrain(PretrainPrepConfig(inputs=[str(src)], output_prefix=prefix,
+                                            tokenizer="mistral-v1", workers=1, progress=False))
+        prefixes.append(prefix)
     cfg = load_experiment([cases.CPT_RECIPE], [
         "data.kind=indexed", f"data.prefixes=[{prefixes[0]},{prefixes[1]}]", "data.weights=[0.7,0.3]",
         f"data.cache_dir={tmp_path / 'cache'}", "train.steps=4", "train.warmup_steps=1",
-        "train.eval_interval=2"])
+        "train.eval_interval=2", f"run_dir={tmp_path / 'run'}"])
     train_src, valid_src = build_sources(cfg)
     assert len(train_src) >= 4 * cfg.train.global_batch_size and valid_src is not None
     item = train_src[0]
@@ -343,8 +343,11 @@ def test_indexed_cpt_source_through_megatron_builder(tmp_path):
     whole = sampler.microbatches(1, 0, 1)
     stacked = torch.cat([mb["tokens"] for mbs in per_rank for mb in mbs])
     assert torch.equal(stacked, torch.cat([mb["tokens"] for mb in whole]))  # DP splits the batch
-    sources = {int(t >= 1000) for t in stacked.flatten().tolist()}
-    assert sources == {0, 1}  # both prefixes appear in the blend
+    report = json.loads((tmp_path / "run" / "blend_report.json").read_text())
+    rows = {r["source"]: r for r in report["splits"]["train"]["sources"]}
+    assert rows["clinical"]["target_weight"] == pytest.approx(0.7)
+    assert rows["clinical"]["realized_weight"] == pytest.approx(0.7, abs=0.1)
+    assert rows["general"]["effective_epochs"] > 0
 
 
 def test_lr_schedule_warmup_decay_and_rewarm():

@@ -139,7 +139,7 @@ def run_demo(opts: DemoOptions) -> dict:
     cpt = _write_recipe(out / "recipe_cpt.yaml", _train_recipe(
         opts, "cpt", cpt_dir, {"kind": "indexed",
                                "prefixes": [str(prefixes["clinical"]), str(prefixes["general"])],
-                               "weights": [0.8, 0.2], "eod_id": 2},
+                               "weights": [0.8, 0.2]},
         out / "megatron-base", opts.cpt_steps, 1e-3, None))
     stage.run("continuous pretraining: clinical 0.8 / general 0.2", ["train", cpt])
     sft = _write_recipe(out / "recipe_sft.yaml", _train_recipe(

@@ -50,7 +50,6 @@ class DataConfig:
     prefixes: list[str] = field(default_factory=list)
     weights: Optional[list[float]] = None
     split: str = "98,2,0"
-    eod_id: int = 2
     cache_dir: Optional[str] = None
     sft_path: Optional[str] = None
     sft_valid_path: Optional[str] = None

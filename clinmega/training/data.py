@@ -91,36 +91,27 @@ def _item(tokens, labels, loss_mask, cu_seqlens=None) -> dict[str, torch.Tensor]
     return item
 
 
-class _EodTokenizer:
-    """What ``GPTDatasetConfig.tokenizer`` is read for: the end-of-document id."""
-
-    def __init__(self, eod: int):
-        self.eod = eod
-        self.unique_identifiers = {"class": "clinmega.training.data._EodTokenizer", "eod": eod}
-
-
-def indexed_sources(data: DataConfig, seq_length: int, samples: Sequence[int]) -> list[Any]:
-    """megatron-core GPT datasets (train, valid) over ``data.prefixes`` (a weighted blend when
-    there are several), built by ``BlendedMegatronDatasetBuilder`` with ``samples`` items each."""
+def indexed_sources(data: DataConfig, seq_length: int, samples: Sequence[int]
+                    ) -> tuple[list[Any], dict]:
+    """megatron-core GPT datasets (train, valid) over ``data.prefixes`` (``prepare pretrain``
+    outputs), blended with ``data.weights`` by :func:`clinmega.data.blend.build_blend`, with
+    ``samples`` items each, and the blend report (realised weights, effective epochs per source)."""
     from pathlib import Path
 
-    from megatron.core.datasets.blended_megatron_dataset_builder import (
-        BlendedMegatronDatasetBuilder,
-    )
-    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+    from clinmega.data.blend import build_blend
+    from clinmega.data.config import BlendConfig, BlendSource
 
-    for prefix in data.prefixes:
-        for ext in (".bin", ".idx"):
-            if not Path(prefix + ext).is_file():
-                raise ConfigError(f"data.prefixes: {prefix + ext} not found")
-    config = GPTDatasetConfig(
-        random_seed=data.seed, sequence_length=seq_length,
-        blend=(list(data.prefixes), list(data.weights) if data.weights else None),
-        split=data.split, path_to_cache=data.cache_dir, tokenizer=_EodTokenizer(data.eod_id),
-        reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False,
-        create_attention_mask=False)
-    built = BlendedMegatronDatasetBuilder(GPTDataset, [*samples, 0], lambda: True, config).build()
-    return list(built[:2])
+    weights = data.weights or [1.0] * len(data.prefixes)
+    blend_cfg = BlendConfig(
+        sources=[BlendSource(name=Path(p).name, prefix=p, weight=w)
+                 for p, w in zip(data.prefixes, weights)],
+        seq_length=seq_length, seed=data.seed, split=data.split, train_samples=samples[0],
+        valid_samples=samples[1], cache_dir=data.cache_dir)
+    try:
+        blend = build_blend(blend_cfg)
+    except (ValueError, FileNotFoundError) as err:
+        raise ConfigError(f"data.prefixes: {err}") from err
+    return [blend.train, blend.valid], blend.report
 
 
 def _sft_dataset(path: str):
@@ -130,6 +121,25 @@ def _sft_dataset(path: str):
         raise ConfigError("data.kind: 'sft' needs clinmega.data.sft_dataset (the data pipeline)"
                           ) from err
     return SFTDataset(path)
+
+
+def _write_blend_report(cfg: ExperimentConfig, report: dict) -> None:
+    """Rank 0 prints the effective epochs per source and keeps the report in the run folder."""
+    import json
+
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return
+    from pathlib import Path
+
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "blend_report.json").write_text(json.dumps(report, indent=1))
+    for row in report["splits"]["train"]["sources"]:
+        print(f"blend: {row['source']}: weight {row['target_weight']:.3f} "
+              f"(realised {row['realized_weight']:.3f}), {row['tokens_drawn']:,} of "
+              f"{row['tokens_available']:,} tokens = {row['effective_epochs']} epochs", flush=True)
 
 
 def build_sources(cfg: ExperimentConfig) -> tuple[BatchSource, BatchSource | None]:
@@ -143,8 +153,9 @@ def build_sources(cfg: ExperimentConfig) -> tuple[BatchSource, BatchSource | Non
     if data.kind == "indexed":
         valid = train.eval_iters * train.global_batch_size * max(1, train.steps // max(
             1, train.eval_interval or train.steps))
-        sources = indexed_sources(data, train.seq_length,
-                                  [train.steps * train.global_batch_size, valid])
+        sources, report = indexed_sources(data, train.seq_length,
+                                          [train.steps * train.global_batch_size, valid])
+        _write_blend_report(cfg, report)
         return sources[0], sources[1]
     valid = _sft_dataset(data.sft_valid_path) if data.sft_valid_path else None
     return _sft_dataset(data.sft_path), valid
