@@ -146,8 +146,8 @@ def run_demo(opts: DemoOptions) -> dict:
         opts, "sft", sft_dir, {"kind": "sft", "sft_path": str(out / "data" / "sft")},
         _latest_checkpoint(cpt_dir), opts.sft_steps, 5e-4, 5.0))
     stage.run("instruct tuning with NEFTune (alpha 5)", ["train", sft])
-    stage.run("plot the training curves", ["plot", cpt_dir])
-    stage.run("plot the training curves", ["plot", sft_dir])
+    for run_dir in (cpt_dir, sft_dir):
+        stage.run(f"plot the {run_dir.name.upper()} loss/LR curves", ["plot", run_dir])
 
     hf_sft = out / "hf-sft"
     stage.run("export the instruct-tuned checkpoint to Hugging Face safetensors",

@@ -37,9 +37,14 @@ def save_model_weights(chunks: Sequence[torch.nn.Module], directory: str | Path)
 
 def load_model_weights(chunks: Sequence[torch.nn.Module], directory: str | Path,
                        strict: bool = True) -> None:
-    """Collective: load (and reshard) weights saved at any layout into ``chunks``."""
+    """Collective: load (and reshard) weights saved at any layout into ``chunks``.
+
+    The checkpoint may hold more than the weights (a training checkpoint's optimizer, scheduler and
+    RNG states): those are ignored. With ``strict``, a model tensor absent from the checkpoint is an
+    error (megatron-core calls it an "unexpected" key), as is a missing one in ``load_state_dict``.
+    """
     sharded = model_sharded_state_dict(chunks)
-    handling = StrictHandling.RAISE_ALL if strict else StrictHandling.LOG_UNEXPECTED
+    handling = StrictHandling.RAISE_UNEXPECTED if strict else StrictHandling.LOG_UNEXPECTED
     loaded = dist_checkpointing.load(sharded, str(directory), strict=handling)
     if isinstance(loaded, tuple):
         loaded = loaded[0]
