@@ -3,6 +3,7 @@
 from clinmega.config.errors import ConfigError
 from clinmega.config.loader import load_config, to_yaml
 from clinmega.config.schema import (
+    ClusterConfig,
     FoundationConfig,
     ModelConfig,
     ParallelConfig,
@@ -11,6 +12,6 @@ from clinmega.config.schema import (
 )
 
 __all__ = [
-    "ConfigError", "FoundationConfig", "ModelConfig", "ParallelConfig", "PrecisionConfig",
+    "ClusterConfig", "ConfigError", "FoundationConfig", "ModelConfig", "ParallelConfig", "PrecisionConfig",
     "RuntimeConfig", "load_config", "to_yaml",
 ]

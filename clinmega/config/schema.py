@@ -151,6 +151,23 @@ class RuntimeConfig:
 
 
 @dataclass
+class ClusterConfig:
+    """The machines a recipe is written for (the planner checks the layout fits them)."""
+
+    num_gpus: int = 8
+    gpus_per_node: int = 8
+    gpu_memory_gb: float = 80.0
+    peak_tflops_bf16: float = 989.0   # H100 SXM dense
+    overhead_gb: float = 4.0
+
+    def __post_init__(self):
+        _positive("cluster", "num_gpus", self.num_gpus)
+        _positive("cluster", "gpus_per_node", self.gpus_per_node)
+        if self.gpu_memory_gb <= 0:
+            raise ConfigError(f"cluster.gpu_memory_gb: must be positive, got {self.gpu_memory_gb}")
+
+
+@dataclass
 class FoundationConfig:
     """The sections every stage shares; stage configs embed these fields."""
 

@@ -28,25 +28,12 @@ import itertools
 from dataclasses import dataclass, field
 
 from clinmega.config.errors import ConfigError
-from clinmega.config.schema import ModelConfig, ParallelConfig
+from clinmega.config.schema import ClusterConfig, ModelConfig, ParallelConfig
 from clinmega.models.builder import check_layout
 from clinmega.models.flops import training_flops_per_token
 
 GIB = 1024**3
 RECOMPUTE = ("none", "selective", "full")
-
-
-@dataclass
-class ClusterConfig:
-    num_gpus: int = 8
-    gpus_per_node: int = 8
-    gpu_memory_gb: float = 80.0
-    peak_tflops_bf16: float = 989.0   # H100 SXM dense
-    overhead_gb: float = 4.0
-
-    def __post_init__(self):
-        if self.num_gpus < 1 or self.gpus_per_node < 1 or self.gpu_memory_gb <= 0:
-            raise ConfigError("cluster: num_gpus, gpus_per_node and gpu_memory_gb must be positive")
 
 
 @dataclass

@@ -13,6 +13,7 @@ from typing import Iterable, Optional
 
 from clinmega.config import ConfigError, load_config
 from clinmega.config.schema import (
+    ClusterConfig,
     ModelConfig,
     ParallelConfig,
     PrecisionConfig,
@@ -187,6 +188,7 @@ class ExperimentConfig:
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    cluster: Optional[ClusterConfig] = None  # what the recipe is sized for (`clinmega plan` checks)
 
     def __post_init__(self):
         if self.parallel.context_parallel > 1:
