@@ -67,31 +67,35 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type) -> None:
 
 
 def load_config(cls: type, args: argparse.Namespace, section: str) -> Any:
-    """Dataclass ``cls`` from defaults <- YAML ``--config`` (top level or under ``section``) <- CLI."""
+    """Dataclass ``cls`` from defaults <- YAML ``--config`` (top level or under ``section``) <- CLI,
+    through :func:`clinmega.config.load_config` (unknown keys and wrong types name the key)."""
+    from omegaconf import OmegaConf
+
+    from clinmega.config import ConfigError
+    from clinmega.config import load_config as load_schema
+
     values: dict[str, Any] = {}
     if getattr(args, "config", None):
-        from omegaconf import OmegaConf
-
         raw = OmegaConf.to_container(OmegaConf.load(args.config), resolve=True)
         if not isinstance(raw, dict):
             raise ValueError(f"{args.config}: expected a mapping at top level")
-        raw = raw.get(section, raw) if isinstance(raw.get(section), dict) else raw
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(raw) - names)
-        if unknown:
-            raise ValueError(f"{args.config}: unknown key(s) {unknown} for {section}; known: {sorted(names)}")
-        values.update(raw)
+        values = raw[section] if isinstance(raw.get(section), dict) else raw
     for f in dataclasses.fields(cls):
         given = getattr(args, f.name, None)
         if given is not None:
             values[f.name] = given
     if cls is BlendConfig:
-        values["sources"] = [_blend_source(i, s) for i, s in enumerate(values.get("sources", []))]
-        values["sources"] += [parse_source(s) for s in getattr(args, "source", None) or []]
+        sources = [_blend_source(i, s) for i, s in enumerate(values.get("sources", []))]
+        sources += [parse_source(s) for s in getattr(args, "source", None) or []]
+        values["sources"] = [dataclasses.asdict(s) for s in sources]
     for key in ("inputs", "eval_sets"):
         if isinstance(values.get(key), str):
             values[key] = [values[key]]
-    return cls(**values)
+    try:
+        return load_schema(cls, [values])
+    except ConfigError as err:
+        where = f"{args.config}: " if getattr(args, "config", None) else ""
+        raise ConfigError(f"{where}{section}.{err}") from None
 
 
 def _blend_source(i: int, entry: Any) -> BlendSource:
