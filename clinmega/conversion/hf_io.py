@@ -1,7 +1,7 @@
 """Hugging Face checkpoint folders: lazy tensor reading and streaming sharded-safetensors writing.
 
-Reading opens a weight file only for the tensors asked for (``safetensors.safe_open``, closed
-after each read so its memory map does not keep pages resident), so peak memory is about the
+Reading opens a weight file only for the tensors asked for (``safetensors.safe_open``, opened
+per read, so no file mapping outlives the tensors taken from it), so peak memory is about the
 tensors of one mapping. ``.bin`` pickle checkpoints are read only when explicitly allowed, with
 ``torch.load(weights_only=True)``.
 
