@@ -92,14 +92,16 @@ def _item(tokens, labels, loss_mask, cu_seqlens=None) -> dict[str, torch.Tensor]
 
 
 class _EodTokenizer:
-    """What ``GPTDatasetConfig.tokenizer`` is read for: the end-of-document id."""
+    """What ``GPTDatasetConfig.tokenizer`` is read for: end-of-document id and vocabulary size."""
 
-    def __init__(self, eod: int):
-        self.eod = eod
-        self.unique_identifiers = {"class": "clinmega.training.data._EodTokenizer", "eod": eod}
+    def __init__(self, eod: int, vocab_size: int):
+        self.eod, self.vocab_size = eod, vocab_size
+        self.unique_identifiers = {"class": "clinmega.training.data._EodTokenizer", "eod": eod,
+                                   "vocab_size": vocab_size}
 
 
-def indexed_sources(data: DataConfig, seq_length: int, samples: Sequence[int]) -> list[Any]:
+def indexed_sources(data: DataConfig, seq_length: int, vocab_size: int,
+                    samples: Sequence[int]) -> list[Any]:
     """megatron-core GPT datasets (train, valid) over ``data.prefixes`` (a weighted blend when
     there are several), built by ``BlendedMegatronDatasetBuilder`` with ``samples`` items each."""
     from pathlib import Path
@@ -116,7 +118,7 @@ def indexed_sources(data: DataConfig, seq_length: int, samples: Sequence[int]) -
     config = GPTDatasetConfig(
         random_seed=data.seed, sequence_length=seq_length,
         blend=(list(data.prefixes), list(data.weights) if data.weights else None),
-        split=data.split, path_to_cache=data.cache_dir, tokenizer=_EodTokenizer(data.eod_id),
+        split=data.split, path_to_cache=data.cache_dir, tokenizer=_EodTokenizer(data.eod_id, vocab_size),
         reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False,
         create_attention_mask=False)
     built = BlendedMegatronDatasetBuilder(GPTDataset, [*samples, 0], lambda: True, config).build()
@@ -141,10 +143,10 @@ def build_sources(cfg: ExperimentConfig) -> tuple[BatchSource, BatchSource | Non
                                             seed, data.synthetic_packed)
         return make(data.seed), make(data.seed + 1)
     if data.kind == "indexed":
-        valid = train.eval_iters * train.global_batch_size * max(1, train.steps // max(
-            1, train.eval_interval or train.steps))
-        sources = indexed_sources(data, train.seq_length,
-                                  [train.steps * train.global_batch_size, valid])
+        evals = train.steps // train.eval_interval + 1 if train.eval_interval else 0
+        sources = indexed_sources(data, train.seq_length, cfg.model.vocab_size,
+                                  [train.steps * train.global_batch_size,
+                                   evals * train.eval_iters * train.global_batch_size])
         return sources[0], sources[1]
     valid = _sft_dataset(data.sft_valid_path) if data.sft_valid_path else None
     return _sft_dataset(data.sft_path), valid
