@@ -26,7 +26,7 @@ from megatron.core.distributed import DistributedDataParallelConfig
 from clinmega.config import ConfigError, to_yaml
 from clinmega.models import build_model
 from clinmega.models.dist_ckpt import load_model_weights
-from clinmega.runtime import initialize, shutdown
+from clinmega.runtime import initialize
 from clinmega.training.checkpoint import Checkpointer, TerminationFlag, TrainingState
 from clinmega.training.config import ExperimentConfig
 from clinmega.training.data import GlobalBatchSampler, build_sources
