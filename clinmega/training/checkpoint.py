@@ -26,7 +26,7 @@ import shutil
 import signal
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -235,9 +235,3 @@ class TerminationFlag:
         for s, handler in self._previous.items():
             signal.signal(s, handler)
 
-
-def checkpoint_summary(root: Path) -> dict[str, Any]:
-    latest = read_latest(root)
-    return dict(dir=str(root), latest=latest,
-                kept=sorted(int(m.group(1)) for p in Path(root).iterdir()
-                            if (m := _ITER.match(p.name))) if Path(root).is_dir() else [])

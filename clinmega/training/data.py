@@ -151,10 +151,10 @@ def build_sources(cfg: ExperimentConfig) -> tuple[BatchSource, BatchSource | Non
                                             seed, data.synthetic_packed)
         return make(data.seed), make(data.seed + 1)
     if data.kind == "indexed":
-        valid = train.eval_iters * train.global_batch_size * max(1, train.steps // max(
-            1, train.eval_interval or train.steps))
+        evals = train.steps // train.eval_interval + 1 if train.eval_interval else 0
         sources, report = indexed_sources(data, train.seq_length,
-                                          [train.steps * train.global_batch_size, valid])
+                                          [train.steps * train.global_batch_size,
+                                           evals * train.eval_iters * train.global_batch_size])
         _write_blend_report(cfg, report)
         return sources[0], sources[1]
     valid = _sft_dataset(data.sft_valid_path) if data.sft_valid_path else None

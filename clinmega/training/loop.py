@@ -13,6 +13,7 @@ under ``torchrun`` for several ranks.
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -25,7 +26,7 @@ from megatron.core.distributed import DistributedDataParallelConfig
 from clinmega.config import ConfigError, to_yaml
 from clinmega.models import build_model
 from clinmega.models.dist_ckpt import load_model_weights
-from clinmega.runtime import initialize, shutdown
+from clinmega.runtime import initialize
 from clinmega.training.checkpoint import Checkpointer, TerminationFlag, TrainingState
 from clinmega.training.config import ExperimentConfig
 from clinmega.training.data import GlobalBatchSampler, build_sources
@@ -236,7 +237,7 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     from clinmega.training.cli import main as cli_main
 
-    return cli_main(["train", *(argv if argv is not None else __import__("sys").argv[1:])])
+    return cli_main(["train", *(argv if argv is not None else sys.argv[1:])])
 
 
 if __name__ == "__main__":
