@@ -5,7 +5,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a source checkout
 
-from clinmega.conversion.cli import main  # noqa: E402
+from clinmega.cli import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main("export-hf"))
+    sys.exit(main(["export-hf", *sys.argv[1:]]))

@@ -15,7 +15,7 @@ from clinmega.config import ParallelConfig
 from clinmega.conversion import ConversionError, export_hf, import_hf
 from clinmega.conversion import importer as importer_module
 from clinmega.conversion.checkpoint_info import INFO_FILE, hf_model_config
-from clinmega.conversion.cli import main
+from clinmega.cli import main as clinmega_main
 from clinmega.conversion.dist_io import DistCheckpointReader
 from clinmega.conversion.hf_io import SafetensorsWriter
 from clinmega.conversion.staging import staging_dir
@@ -193,12 +193,12 @@ def test_export_bad_checkpoints(source, tmp_path):
 
 
 def test_cli_exit_codes_and_messages(source, tmp_path, capsys):
-    assert main("import-hf", [str(source[0]), str(tmp_path / "m"), "--tp", "4",
+    assert clinmega_main(["import-hf", str(source[0]), str(tmp_path / "m"), "--tp", "4",
                               "--no-progress"]) == 2
     assert "parallel.tensor_parallel: 4 does not divide" in capsys.readouterr().err
-    assert main("import-hf", [str(source[0]), str(tmp_path / "m"), "--no-progress"]) == 0
+    assert clinmega_main(["import-hf", str(source[0]), str(tmp_path / "m"), "--no-progress"]) == 0
     assert "import hf: 31 tensors" in capsys.readouterr().out
-    assert main("export-hf", [str(tmp_path / "m"), str(tmp_path / "h"), "--no-progress",
+    assert clinmega_main(["export-hf", str(tmp_path / "m"), str(tmp_path / "h"), "--no-progress",
                               "--max-shard-size", "200KB"]) == 0
     assert "export m: 39 tensors" in capsys.readouterr().out
     assert hf_model_config(tmp_path / "h") == hf_model_config(source[0])

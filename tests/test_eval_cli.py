@@ -6,6 +6,7 @@ import json
 import pytest
 
 from eval_fixtures import tiny_hf_model_dir
+from clinmega.cli import main as clinmega_main
 from clinmega.evaluation import cli
 from clinmega.evaluation.report import bootstrap_ci, markdown_table, summarize
 from clinmega.evaluation.scoring import ItemResult
@@ -20,7 +21,7 @@ def test_register_adds_eval_subcommand():
 
 def test_eval_writes_json_markdown_and_chart(tmp_path):
     out = tmp_path / "report"
-    rc = cli.main(["eval", str(tiny_hf_model_dir()), "--benchmarks", "medqa_4options,mmlu_anatomy",
+    rc = clinmega_main(["eval", str(tiny_hf_model_dir()), "--benchmarks", "medqa_4options,mmlu_anatomy",
                    "--strategies", "zero_shot,knn_few_shot+choice_shuffle,cot", "--limit", "4",
                    "--max-new-tokens", "4", "--out", str(out), "--bootstrap", "200"])
     assert rc == 0
@@ -45,7 +46,7 @@ def test_rerun_resumes_from_finished_parts(tmp_path, monkeypatch, capsys):
                 "--limit", str(limit), "--out", str(tmp_path), "--bootstrap", "50"]
 
     args = command(3)
-    assert cli.main(args) == 0
+    assert clinmega_main(args) == 0
     first = json.loads((tmp_path / "results.json").read_text())
     assert sorted(p.name for p in (tmp_path / "parts").iterdir()) == ["pubmedqa.option_text.json",
                                                                        "pubmedqa.zero_shot.json"]
@@ -55,28 +56,28 @@ def test_rerun_resumes_from_finished_parts(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(cli, "build_backend", no_model)
     capsys.readouterr()
-    assert cli.main(args) == 0
+    assert clinmega_main(args) == 0
     assert capsys.readouterr().out.count("reusing") == 2
     assert json.loads((tmp_path / "results.json").read_text())["items"] == first["items"]
     with pytest.raises(AssertionError, match="the model was loaded"):
-        cli.main(command(4))  # other items: recomputed
+        clinmega_main(command(4))  # other items: recomputed
     with pytest.raises(AssertionError, match="the model was loaded"):
-        cli.main(args + ["--no-resume"])
+        clinmega_main(args + ["--no-resume"])
 
 
 def test_bad_inputs_fail_before_loading_a_model(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(cli, "build_backend", lambda _: pytest.fail("a model was loaded"))
-    assert cli.main(["eval", str(tmp_path), "--benchmarks", "nope", "--out", str(tmp_path)]) == 2
+    assert clinmega_main(["eval", str(tmp_path), "--benchmarks", "nope", "--out", str(tmp_path)]) == 2
     assert "unknown benchmark 'nope'" in capsys.readouterr().err
-    assert cli.main(["eval", str(tmp_path), "--strategies", "zero_shot+nope", "--out", str(tmp_path)]) == 2
+    assert clinmega_main(["eval", str(tmp_path), "--strategies", "zero_shot+nope", "--out", str(tmp_path)]) == 2
     assert "unknown strategy 'nope'" in capsys.readouterr().err
     bad = tmp_path / "data" / "medqa"
     bad.mkdir(parents=True)
     (bad / "test.jsonl").write_text('{"question": "Q?", "options": {"A": "x", "B": "y"}, "answer_idx": "C"}\n')
     args = ["eval", str(tmp_path), "--benchmarks", "medqa", "--data-dir", str(tmp_path / "data"), "--out", str(tmp_path)]
-    assert cli.main(args) == 2
+    assert clinmega_main(args) == 2
     assert f"{bad / 'test.jsonl'}:1: answer_idx 'C'" in capsys.readouterr().err
-    assert cli.main(args[:-4] + ["--data-dir", str(tmp_path / "empty"), "--out", str(tmp_path)]) == 2
+    assert clinmega_main(args[:-4] + ["--data-dir", str(tmp_path / "empty"), "--out", str(tmp_path)]) == 2
     assert "medqa/test: no file under" in capsys.readouterr().err
 
 

@@ -1,7 +1,6 @@
 """Presets, parameter counts, HF config round trip, layouts, and single-process forward/backward."""
 
 import dataclasses
-import math
 
 import pytest
 import torch

@@ -31,7 +31,7 @@ TORCHRUN = Path(PY).with_name("torchrun")
 
 
 def cli(run_dir: Path, *overrides: str, recipe: Path = cases.CPT_RECIPE) -> list[str]:
-    return [PY, "-m", "clinmega.training.cli", "train", str(recipe), f"run_dir={run_dir}",
+    return [PY, "-m", "clinmega.cli", "train", str(recipe), f"run_dir={run_dir}",
             *cases.CPT_STEPS, *overrides]
 
 
@@ -115,7 +115,7 @@ def test_torchrun_resume_at_dp2(reference, killed, tmp_path):
                     run_dir / "checkpoints" / "iter_0000010")
     (run_dir / "checkpoints" / "latest").write_text("10\n")
     run_ok([str(TORCHRUN), "--standalone", "--nproc-per-node", "2", "-m",
-            "clinmega.training.cli", *cli(run_dir)[3:]])
+            "clinmega.cli", *cli(run_dir)[3:]])
     ref, got = cases.losses(reference), cases.losses(run_dir)
     assert sorted(got) == list(range(11, 21))
     for step in got:
@@ -140,7 +140,7 @@ def test_sigterm_saves_and_exits(tmp_path):
 
 def test_plot_writes_png(reference, tmp_path):
     out = tmp_path / "curves.png"
-    run_ok([PY, "-m", "clinmega.training.cli", "plot", str(reference), "-o", str(out)])
+    run_ok([PY, "-m", "clinmega.cli", "plot", str(reference), "-o", str(out)])
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

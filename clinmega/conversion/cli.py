@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import re
 import sys
-from typing import Sequence
 
 from clinmega.config.errors import ConfigError
 from clinmega.config.schema import DTYPES, TRANSFORMER_IMPLS, ParallelConfig
@@ -124,11 +123,3 @@ def register(subparsers) -> None:
         "export-hf", help="megatron-core distributed checkpoint -> HF folder",
         description="Convert a megatron-core distributed checkpoint into a HF folder "
                     "(sharded safetensors, config, tokenizer), one tensor at a time."))
-
-
-def main(command: str, argv: Sequence[str] | None = None) -> int:
-    """Run one sub-command (used by the scripts in the repository's ``conversion/`` folder)."""
-    parser = argparse.ArgumentParser(prog=f"clinmega {command}")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args([command, *(sys.argv[1:] if argv is None else argv)])
-    return args.func(args)

@@ -200,15 +200,3 @@ def register(subparsers: Any) -> None:
         if cls is BlendConfig:
             p.add_argument("--source", action="append", help="NAME=PREFIX:weight=W or NAME=PREFIX:tokens=N")
         p.set_defaults(func=_run(stage, cls, name, wrote))
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry point (``python -m clinmega.data.cli``) with just the data verbs."""
-    parser = argparse.ArgumentParser(prog="clinmega-data")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -172,15 +172,3 @@ def run(args: argparse.Namespace) -> int:
     print(paths["markdown"].read_text(), end="")
     print(f"wrote {', '.join(str(p) for p in paths.values())}")
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry (the project CLI calls `register`)."""
-    parser = argparse.ArgumentParser(prog="clinmega")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

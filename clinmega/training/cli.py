@@ -1,6 +1,6 @@
-"""The ``train`` and ``plot`` verbs. ``register(subparsers)`` adds them to the main CLI; this
-module also runs on its own: ``python -m clinmega.training.cli train recipe.yaml key=value ...``
-(under ``torchrun --nproc-per-node N`` for several ranks)."""
+"""The ``train`` and ``plot`` verbs, registered into the main CLI:
+``clinmega train recipe.yaml key=value ...``, or ``torchrun --nproc-per-node N -m clinmega.cli train
+recipe.yaml ...`` for several ranks (``srun ... python -m clinmega.cli train`` under Slurm)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import argparse
 import json
 import os
 import sys
-from typing import Sequence
 
 from clinmega.config import ConfigError
 
@@ -54,14 +53,3 @@ def register(subparsers) -> None:
     p.add_argument("run_dir", help="a train run directory (holds metrics.jsonl)")
     p.add_argument("-o", "--output", default=None, help="PNG path (default: <run_dir>/curves.png)")
     p.set_defaults(func=_plot)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="clinmega")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

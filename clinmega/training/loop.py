@@ -13,10 +13,9 @@ under ``torchrun`` for several ranks.
 from __future__ import annotations
 
 import math
-import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -232,13 +231,3 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
                     run_dir=cfg.run_dir)
     finally:
         stop.restore()
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    from clinmega.training.cli import main as cli_main
-
-    return cli_main(["train", *(argv if argv is not None else sys.argv[1:])])
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
