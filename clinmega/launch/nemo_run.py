@@ -35,13 +35,17 @@ def run_verb(verb: str, args: Sequence[str] = ()) -> None:
         raise RuntimeError(f"clinmega {verb} {' '.join(args)} exited with {code}")
 
 
-def verb_task(verb: str, args: Sequence[str] = ()) -> run.Script:
-    """``python -m clinmega.cli <verb> <args>`` as a NeMo-Run Script (torchrun/srun launch it)."""
-    return run.Script(path="clinmega.cli", m=True, entrypoint="python", args=[verb, *args])
+def verb_task(verb: str, args: Sequence[str] = (), python: str = "python") -> run.Script:
+    """``python -m clinmega.cli <verb> <args>`` as a NeMo-Run Script (torchrun/srun launch it).
+
+    ``python`` is the interpreter on the machine that runs the job: ``python`` inside an NGC
+    container, ``sys.executable`` for this virtual environment on a local machine.
+    """
+    return run.Script(path="clinmega.cli", m=True, entrypoint=python, args=[verb, *args])
 
 
-def train_task(recipe: str, overrides: Sequence[str] = ()) -> run.Script:
-    return verb_task("train", [recipe, *overrides])
+def train_task(recipe: str, overrides: Sequence[str] = (), python: str = "python") -> run.Script:
+    return verb_task("train", [recipe, *overrides], python=python)
 
 
 def train_partial(recipe: str, overrides: Sequence[str] = ()) -> run.Partial:
