@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import functools
-import json
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -18,16 +16,15 @@ TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_atte
 
 
 def mistral_tokenizer_file() -> Path:
-    import mistral_common
+    from clinmega.models.hf_checkpoint import mistral_tokenizer_model
 
-    return Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
+    return mistral_tokenizer_model(32000)
 
 
 def write_tokenizer(out: Path) -> None:
-    shutil.copy(mistral_tokenizer_file(), out / "tokenizer.model")
-    (out / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
-        "add_bos_token": True, "add_eos_token": False, "legacy": False, "model_max_length": 2048}))
+    from clinmega.models.hf_checkpoint import write_tokenizer as write_mistral_tokenizer
+
+    write_mistral_tokenizer(out, 32000)
 
 
 @functools.cache

@@ -91,9 +91,10 @@ def position_ids_from_cu_seqlens(cu_seqlens: Any, seq_len: int) -> Any:
     return pos - cu[seg]
 
 
-def block_causal_mask(cu_seqlens: Any, seq_len: int) -> Any:
+def block_causal_mask(cu_seqlens: Any, seq_len: int, window: int | None = None) -> Any:
     """Block-diagonal causal mask ``[1, 1, seq_len, seq_len]`` (bool, True = masked out) allowing each
-    token to attend only to earlier tokens of its own sub-sequence. ``cu_seqlens`` must end at seq_len."""
+    token to attend only to earlier tokens of its own sub-sequence, and with ``window`` only to the last
+    ``window`` of them (itself included: Mistral's sliding window). ``cu_seqlens`` must end at seq_len."""
     import torch
 
     cu = torch.as_tensor(cu_seqlens, dtype=torch.int64)
@@ -102,4 +103,6 @@ def block_causal_mask(cu_seqlens: Any, seq_len: int) -> Any:
     pos = torch.arange(seq_len)
     seg = torch.bucketize(pos, cu[1:], right=True)
     allowed = (seg[:, None] == seg[None, :]) & (pos[None, :] <= pos[:, None])
+    if window is not None:
+        allowed &= pos[:, None] - pos[None, :] < window
     return (~allowed)[None, None]

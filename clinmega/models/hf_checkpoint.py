@@ -17,20 +17,17 @@ import torch
 from clinmega.config.schema import ModelConfig
 from clinmega.models.hf import to_hf_config
 
-TOKENIZER_FILES = {32000: "tokenizer.model.v1", 32768: "mistral_instruct_tokenizer_240323.model.v3"}
+TOKENIZER_OF_VOCAB = {32000: "mistral-v1", 32768: "mistral-v3"}
 
 
 def mistral_tokenizer_model(vocab_size: int) -> Path:
     """Path of the mistral-common SentencePiece model for this vocabulary size."""
-    import mistral_common
+    from clinmega.data.tokenizers import mistral_common_model_path
 
-    if vocab_size not in TOKENIZER_FILES:
+    if vocab_size not in TOKENIZER_OF_VOCAB:
         raise ValueError(f"no Mistral tokenizer with vocab_size={vocab_size}; "
-                         f"known: {sorted(TOKENIZER_FILES)}")
-    path = Path(mistral_common.__file__).parent / "data" / TOKENIZER_FILES[vocab_size]
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing from the installed mistral-common wheel")
-    return path
+                         f"known: {sorted(TOKENIZER_OF_VOCAB)}")
+    return mistral_common_model_path(TOKENIZER_OF_VOCAB[vocab_size])
 
 
 def write_tokenizer(dest: str | Path, vocab_size: int = 32000) -> Path:

@@ -198,14 +198,8 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
 
 def packed_attention_mask(cu_seqlens: list[torch.Tensor], seq_length: int,
                           window: int | None = None) -> torch.Tensor:
-    """``[b, 1, S, S]`` bool, True = masked: causal within each packed sub-sequence (and within
-    ``window`` keys of the query when set: Mistral's sliding window), masked across them."""
-    pos = torch.arange(seq_length)
-    masks = []
-    for cu in cu_seqlens:
-        segment = torch.bucketize(pos, cu[1:].to(torch.int64), right=True)
-        allowed = (segment[:, None] == segment[None, :]) & (pos[None, :] <= pos[:, None])
-        if window is not None:
-            allowed &= pos[:, None] - pos[None, :] < window
-        masks.append(~allowed)
-    return torch.stack(masks)[:, None]
+    """``[b, 1, S, S]`` bool, True = masked: one :func:`clinmega.data.packing.block_causal_mask`
+    per sample of the batch (causal within each packed sub-sequence, within ``window`` keys)."""
+    from clinmega.data.packing import block_causal_mask
+
+    return torch.cat([block_causal_mask(cu, seq_length, window) for cu in cu_seqlens])
