@@ -15,7 +15,7 @@ from eval_fixtures import TINY, tiny_hf_model_dir
 pytest.importorskip("megatron.core")
 runtime = pytest.importorskip("clinmega.runtime", reason="needs the foundation (clinmega.runtime/models)")
 from clinmega.config.schema import ParallelConfig, PrecisionConfig, RuntimeConfig  # noqa: E402
-from clinmega.evaluation import cli  # noqa: E402
+from clinmega.cli import main as clinmega_main  # noqa: E402
 from clinmega.evaluation.backends.hf import HFBackend  # noqa: E402
 from clinmega.evaluation.backends.megatron import MegatronBackend  # noqa: E402
 from clinmega.evaluation.benchmarks import load_benchmark  # noqa: E402
@@ -111,7 +111,7 @@ def test_from_checkpoint_round_trip(backends, tmp_path):
         args = ["eval", str(model), "--backend", backend, "--benchmarks", "pubmedqa", "--limit", "4",
                 "--out", str(tmp_path / backend), "--bootstrap", "50"]
         extra = ["--model-config", str(tiny_hf_model_dir()), "--tokenizer", str(tiny_hf_model_dir())]
-        assert cli.main(args + (extra if backend == "megatron" else [])) == 0
+        assert clinmega_main(args + (extra if backend == "megatron" else [])) == 0
         reports[backend] = json.loads((tmp_path / backend / "results.json").read_text())
     assert [i["pred"] for i in reports["megatron"]["items"]] == [i["pred"] for i in reports["hf"]["items"]]
 
