@@ -239,24 +239,10 @@ def test_missing_input_is_named(tmp_path):
 
 
 def test_hugging_face_tokenizer_directory(tmp_path):
-    import shutil
+    from clinmega.data.tokenizers import load_tokenizer
+    from clinmega.models.hf_checkpoint import write_tokenizer
 
-    from clinmega.data.tokenizers import load_tokenizer, mistral_common_model_path
-
-    hf_dir = tmp_path / "hf"
-    hf_dir.mkdir()
-    shutil.copy(mistral_common_model_path("mistral-v1"), hf_dir / "tokenizer.model")
-    (hf_dir / "tokenizer_config.json").write_text(
-        json.dumps(
-            {
-                "tokenizer_class": "LlamaTokenizer",
-                "bos_token": "<s>",
-                "eos_token": "</s>",
-                "unk_token": "<unk>",
-                "legacy": False,
-            }
-        )
-    )
+    hf_dir = write_tokenizer(tmp_path / "hf", vocab_size=32000)
     texts = ["Troponin I 0.04 ng/mL, ECG: sinus rhythm.", "Ω-3 résumé 😀"]
     path = write_jsonl(tmp_path / "a.jsonl", [{"text": t} for t in texts])
     m = prepare_pretrain(
