@@ -17,8 +17,11 @@ expert e gate+up / down                mlp.experts.linear_fc1.weight{e} / fc2   
 =====================================  =============================================  =========================================
 
 plus ``embedding.word_embeddings.weight``, ``decoder.final_layernorm.weight``,
-``output_layer.weight``. Distributed checkpoints use the TE names for both (the local spec's
-``sharded_state_dict_keys_map``), so checkpoints move between implementations.
+``output_layer.weight``. Distributed checkpoints of dense models use the TE names for both (the local
+spec's ``sharded_state_dict_keys_map``), so they move between implementations. For MoE layers that map
+still renames the local ``pre_mlp_layernorm`` to ``mlp.linear_fc1.layer_norm_weight`` while TE saves
+``pre_mlp_layernorm.weight``: a Mixtral checkpoint saved with one implementation does not load strictly
+into the other (megatron-core 0.19 behaviour); ``export-hf`` reads either key.
 """
 
 from __future__ import annotations
