@@ -22,7 +22,8 @@ from clinmega.runtime.local_group import run_local_group
 from clinmega.training.checkpoint import read_latest
 from clinmega.training.config import TrainConfig, load_experiment
 from clinmega.training.data import SyntheticSource, packed_attention_mask
-from clinmega.training.logging import flops_per_token, read_metrics
+from clinmega.models.flops import training_flops_per_token as flops_per_token
+from clinmega.training.logging import read_metrics
 from clinmega.training.neftune import real_segments, token_scales
 
 PY = sys.executable

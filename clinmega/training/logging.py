@@ -1,6 +1,7 @@
 """Training metrics: a JSONL log (``metrics.jsonl``, one record per logged step), TensorBoard
 scalars, and a rich progress bar with loss, LR and tokens/s; on GPU also TFLOPS per GPU and MFU
-from :func:`flops_per_token` (GQA, SwiGLU, top-k experts, causal attention, sliding window).
+from :func:`clinmega.models.flops.training_flops_per_token` (GQA, SwiGLU, top-k experts, causal
+attention, sliding window).
 
 Only global rank 0 writes. ``plot.py`` reads the JSONL.
 """
@@ -16,32 +17,12 @@ from typing import Any
 
 import torch
 
-from clinmega.config import ModelConfig
 
 METRICS_FILE = "metrics.jsonl"
 
 # Dense peak TFLOPS per GPU (no sparsity): BF16 and FP8 (REFERENCE.md §6; vendor data sheets).
 PEAK_TFLOPS = {"H100": (989.0, 1979.0), "H200": (989.0, 1979.0), "H20": (148.0, 296.0),
                "B200": (2250.0, 4500.0), "A100": (312.0, None)}
-
-
-def flops_per_token(model: ModelConfig, seq_length: int, recompute_full: bool = False) -> float:
-    """Training FLOPs per token (forward + backward = 3x forward; +1 forward with full recompute).
-
-    Forward, per layer and token: QKV ``2h(n_h + 2 n_g)d`` (GQA), output ``2 n_h d h``, scores and
-    values ``4 n_h d k`` where ``k`` is the mean number of keys a causal query attends to
-    (``(S+1)/2``, or fewer under a sliding window ``W``), SwiGLU MLP ``6 h f`` per routed expert
-    (``top_k`` of them), router ``2 h E``; plus the LM head ``2 h V``.
-    """
-    h, d, S = model.hidden_size, model.head_dim, seq_length
-    nh, ng = model.num_attention_heads, model.num_query_groups
-    W = model.sliding_window or S
-    keys = (min(W, S) * (min(W, S) + 1) / 2 + max(S - W, 0) * W) / S  # mean keys per query
-    attention = 2 * h * (nh + 2 * ng) * d + 2 * nh * d * h + 4 * nh * d * keys
-    experts = model.moe_router_topk if model.is_moe else 1
-    mlp = 6 * h * model.ffn_hidden_size * experts + (2 * h * model.num_experts if model.is_moe else 0)
-    forward = model.num_layers * (attention + mlp) + 2 * h * model.vocab_size
-    return forward * (4 if recompute_full else 3)
 
 
 def peak_tflops(fp8: bool, configured: float | None = None) -> float | None:

@@ -29,7 +29,8 @@ from clinmega.runtime import initialize
 from clinmega.training.checkpoint import Checkpointer, TerminationFlag, TrainingState
 from clinmega.training.config import ExperimentConfig
 from clinmega.training.data import GlobalBatchSampler, build_sources
-from clinmega.training.logging import MetricsLogger, StepTimer, flops_per_token, peak_tflops
+from clinmega.models.flops import training_flops_per_token
+from clinmega.training.logging import MetricsLogger, StepTimer, peak_tflops
 from clinmega.training.neftune import NEFTune
 from clinmega.training.optimizer import (
     build_optimizer,
@@ -181,7 +182,7 @@ def _logger(cfg: ExperimentConfig, start: int) -> MetricsLogger:
     full = t.recompute_granularity == "full"
     return MetricsLogger(
         cfg.run_dir, t.steps, start, dist.get_rank() == 0, tokens,
-        flops_per_token(cfg.model, t.seq_length, full) * tokens, dist.get_world_size(),
+        training_flops_per_token(cfg.model, t.seq_length, full) * tokens, dist.get_world_size(),
         peak_tflops(cfg.precision.fp8 is not None, cfg.logging.peak_tflops),
         cfg.logging.tensorboard, cfg.logging.progress)
 
