@@ -3,7 +3,8 @@
 Generates a random bf16 HF checkpoint shaped like Mistral-7B (``--layers`` truncates it) and one
 shaped like Mixtral-8x7B truncated to ``--mixtral-layers`` layers, then times ``import-hf`` and
 ``export-hf`` (each in a fresh process, so its peak RSS is its own) against the disk limit:
-reading the same input files and writing the same number of bytes, fsync'd, in a plain loop.
+reading the same input files and writing the same number of bytes, fsync'd, in a plain loop,
+measured right before and right after each step (mean).
 The page cache is dropped before every measurement when the process may do so (root).
 
     python benchmarks/bench_conversion.py --workdir /tmp/bench --layers 8
@@ -105,46 +106,58 @@ def disk_limit(src: Path, scratch: Path) -> float:
     return seconds
 
 
+def timed_step(cmd: list[str], src: Path, scratch: Path, drop: Path | None) -> tuple:
+    """(seconds, peak RSS, disk limit) of one conversion step. The shared disk's speed drifts by
+    up to 2x between minutes, so the disk limit is measured right before and right after the
+    step and averaged (``drop``, an output no longer needed, is removed first to make room)."""
+    before = disk_limit(src, scratch)
+    seconds, rss = run(cmd)
+    if drop is not None:
+        shutil.rmtree(drop)
+    after = disk_limit(src, scratch)
+    return seconds, rss, (before + after) / 2
+
+
 def bench(name: str, preset: str, layers: int, work: Path, keep: bool) -> list[tuple]:
     hf, mcore, out = work / name / "hf", work / name / "mcore", work / name / "export"
     start = time.perf_counter()
     size = generate(preset, layers, hf)
     print(f"{name}: {size / 1e9:.2f} GB of bf16 weights ({time.perf_counter() - start:.0f} s "
           "to generate)", flush=True)
-    script = [sys.executable]
     rows = []
-    base = disk_limit(hf, work / "copy")
-    sec, rss = run(script + [str(ROOT / "conversion" / "import_hf.py"), str(hf), str(mcore),
-                             "--overwrite", "--no-progress"])
-    rows.append((name, "import", size, sec, base, rss))
-    base = disk_limit(mcore, work / "copy")
-    sec, rss = run(script + [str(ROOT / "conversion" / "export_hf.py"), str(mcore), str(out),
-                             "--overwrite", "--no-progress"])
-    rows.append((name, "export", size, sec, base, rss))
+    for step, src, dst, drop in (("import", hf, mcore, None),
+                                 ("export", mcore, out, None if keep else out)):
+        cmd = [sys.executable, str(ROOT / "conversion" / f"{step}_hf.py"), str(src), str(dst),
+               "--overwrite", "--no-progress"]
+        rows.append((name, step, size, *timed_step(cmd, src, work / "copy", drop)))
     if not keep:
         shutil.rmtree(mcore)
-        shutil.rmtree(out)
     return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/clinmega-bench"))
-    parser.add_argument("--layers", type=int, default=32, help="Mistral-7B layers (32 = full)")
+    parser.add_argument("--layers", type=int, default=32,
+                        help="Mistral-7B layers (32 = full; 0 skips Mistral)")
     parser.add_argument("--mixtral-layers", type=int, default=4, help="0 skips Mixtral")
-    parser.add_argument("--keep", action="store_true", help="keep converted outputs")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep converted outputs (needs 4x the checkpoint size free on disk, "
+                             "3x without)")
     args = parser.parse_args()
     cached = "dropped" if drop_caches() else "NOT dropped (needs root)"
-    rows = bench(f"mistral-7b-L{args.layers}", "mistral-7b-v0.1", args.layers, args.workdir,
-                 args.keep)
+    rows = []
+    if args.layers:
+        rows += bench(f"mistral-7b-L{args.layers}", "mistral-7b-v0.1", args.layers, args.workdir,
+                      args.keep)
     if args.mixtral_layers:
         rows += bench(f"mixtral-8x7b-L{args.mixtral_layers}", "mixtral-8x7b",
                       args.mixtral_layers, args.workdir, args.keep)
     print(f"\npage cache {cached} before each run; disk limit = read the inputs + write as many "
-          "bytes, fsync'd")
+          "bytes, fsync'd (mean of right before and right after the step)")
     print(f"{'model':<20} {'step':<7} {'GB':>6} {'seconds':>8} {'disk s':>7} {'ratio':>6} "
           f"{'GB/s':>5} {'peak RSS GiB':>12}")
-    for name, step, size, sec, base, rss in rows:
+    for name, step, size, sec, rss, base in rows:
         print(f"{name:<20} {step:<7} {size / 1e9:>6.2f} {sec:>8.1f} {base:>7.1f} "
               f"{sec / base:>6.2f} {size / 1e9 / sec:>5.2f} {rss / 2**30:>12.2f}")
 

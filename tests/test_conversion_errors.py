@@ -86,6 +86,23 @@ def test_shape_mismatch_with_config(hf, tmp_path):
         import_hf(hf, tmp_path / "out", progress=False)
 
 
+def test_damaged_safetensors(hf, tmp_path):
+    weights = hf / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[:len(data) - 1000])  # a download cut short
+    with pytest.raises(ConversionError, match=r"model\.safetensors: tensor 'model\.[^']+': "
+                                              r"data_offsets .* \(truncated file\?\)"):
+        import_hf(hf, tmp_path / "out", progress=False)
+    weights.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}")
+    with pytest.raises(ConversionError, match=r"model\.safetensors: cannot read safetensors "
+                                              r"header: Expecting property name"):
+        import_hf(hf, tmp_path / "out", progress=False)
+    weights.write_bytes(b"\xff" * 8 + data[8:100])
+    with pytest.raises(ConversionError, match=r"header length \d+ does not fit the file"):
+        import_hf(hf, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("layout, message", [
     (dict(tensor_parallel=4, sequence_parallel=True), "4 does not divide the 2 KV groups"),
     (dict(expert_parallel=2), "the model has no experts"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import time
 
 import pytest
 import torch
@@ -11,9 +12,11 @@ from safetensors import safe_open
 from clinmega.config import ParallelConfig, PrecisionConfig, RuntimeConfig
 from clinmega.conversion import ConversionError, dtypes
 from clinmega.conversion.cli import parse_size
-from clinmega.conversion.hf_io import PlannedTensor, SafetensorsWriter
+from clinmega.conversion.hf_io import HFReader, PlannedTensor, SafetensorsWriter
 from clinmega.conversion.mapping import (EXPERT, GLOBAL, QKV, GatedMLP, mapping_table,
                                          resolve_param, units)
+from clinmega.conversion.prefetch import Prefetcher, exact_storage
+from clinmega.conversion.rawio import contiguous_blocks
 from clinmega.models import get_preset
 
 # Module parameter names of the Transformer Engine spec (REFERENCE.md §2, models/spec.py).
@@ -116,6 +119,63 @@ def test_safetensors_writer_shards_and_order(tmp_path):
     unfinished = SafetensorsWriter(tmp_path / "x", planned)
     with pytest.raises(ConversionError, match="'t0' was never written"):
         unfinished.close()
+
+
+def test_views_are_read_and_written_in_place(tmp_path):
+    """HF tensors go into / come out of strided ``hf_views`` (QKV's per-group rows) with the
+    bytes a contiguous copy would have, and a bf16 file read into fp32 views is cast."""
+    cfg = get_preset("tiny-mistral-v0.1")
+    qkv = next(m for m in mapping_table(cfg) if isinstance(m, QKV))
+    q, k, v = (torch.randn(*shape).to(torch.bfloat16) for shape in qkv.hf_shapes)
+    fused = qkv.hf_to_megatron([q, k, v])
+    views = qkv.hf_views(fused)
+    assert not views[0].is_contiguous() and len(list(contiguous_blocks(views[0]))) == 2
+    names = ["q", "k", "v"]
+    writer = SafetensorsWriter(tmp_path, [PlannedTensor(n, t.shape, torch.bfloat16)
+                                          for n, t in zip(names, (q, k, v))])
+    for name, view in zip(names, views):
+        writer.write(name, view)
+    writer.close()
+    reader = HFReader(tmp_path)
+    assert {n: reader.tensors[n].shape for n in names} == {"q": (64, 64), "k": (32, 64),
+                                                           "v": (32, 64)}
+    back = torch.full(qkv.shape, float("nan"), dtype=torch.bfloat16)
+    wide = torch.full(qkv.shape, float("nan"))
+    for name, view, wide_view in zip(names, qkv.hf_views(back), qkv.hf_views(wide)):
+        reader.read_into(name, view)
+        reader.read_into(name, wide_view)
+    assert torch.equal(back, fused) and torch.equal(wide, fused.float())
+    with pytest.raises(ConversionError, match=r"tensor 'q' \[64, 64\] does not fit \[32, 64\]"):
+        reader.read_into("q", torch.empty(32, 64))
+    with pytest.raises(ConversionError, match=r"tensor 'q' \(64, 64\) .* expected 'x'"):
+        SafetensorsWriter(tmp_path / "y", [PlannedTensor("x", (64, 64), torch.bfloat16)]
+                          ).write("q", q)
+
+
+def test_exact_storage_shares_memory_and_is_saved_without_clone():
+    base = torch.arange(12.)
+    half = base[6:].view(2, 3)
+    alias = exact_storage(half)
+    assert alias.untyped_storage().nbytes() == alias.nbytes == 24
+    assert alias.data_ptr() == half.data_ptr() and torch.equal(alias, half)
+    with pytest.raises(ValueError, match="contiguous"):
+        exact_storage(base.view(3, 4).t())
+
+
+def test_prefetcher_waits_for_dropped_work_before_going_out_of_order():
+    events = []
+
+    def work(item):
+        events.append(("start", item))
+        if item == 1:
+            time.sleep(0.2)
+        events.append(("end", item))
+        return item * 10
+
+    with Prefetcher(work, [0, 1, 2]) as prefetch:
+        assert prefetch.get(0) == 0      # starts 1 in the background
+        assert prefetch.get(2) == 20     # out of order: 1 must end before 2 starts
+    assert events.index(("end", 1)) < events.index(("start", 2))
 
 
 def test_cast_keeps_exact_values_and_refuses_loss():

@@ -8,14 +8,16 @@ through megatron-core's ``dist_checkpointing.save`` (factories, validation, comm
 item at a time, and with one file per item it keeps no reference to earlier items, so peak memory
 is about one tensor.
 
-Reading: any region of a stored global tensor is read with DCP's resharding reads into a
-preallocated tensor, without megatron-core or a process group.
+Reading: any region of a stored global tensor is read straight into a preallocated tensor (see
+``DistCheckpointReader``), without megatron-core or a process group.
 """
 
 from __future__ import annotations
 
+import io
 import json
-import warnings
+import math
+import os
 from pathlib import Path
 from typing import Protocol
 
@@ -29,11 +31,11 @@ from megatron.core.dist_checkpointing.strategies.torch import (
     mcore_to_pyt_state_dict,
 )
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, TensorStorageMetadata
-from torch.distributed.checkpoint.planner import LoadPlan, WriteItemType
+from torch.distributed.checkpoint.planner import WriteItemType
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
+from clinmega.conversion import rawio
 from clinmega.conversion.errors import ConversionError
 
 class Producer(Protocol):
@@ -112,42 +114,54 @@ def save_produced(sharded_state_dict: dict, directory: str | Path, produce: Prod
                             sharded_strategy=ProducingSaveStrategy(produce))
 
 
-class _RegionLoadPlanner(DefaultLoadPlanner):
-    """Reads the chunk at ``offsets`` of each requested global tensor into a given tensor."""
+class _Window(io.RawIOBase):
+    """A read-only, seekable window ``[offset, offset + length)`` of an open file descriptor,
+    read with positional reads (no shared file position, so threads may share the descriptor)."""
 
-    def __init__(self, requests: dict[str, tuple[tuple[int, ...], torch.Tensor]]):
-        super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
-        self.requests = requests
+    def __init__(self, fd: int, offset: int, length: int):
+        super().__init__()
+        self._fd, self._offset, self._length, self._pos = fd, offset, length, 0
 
-    def create_local_plan(self) -> LoadPlan:
-        items = []
-        for key, (offsets, tensor) in self.requests.items():
-            chunk = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=tensor.shape)
-            items += create_read_items_for_chunk_list(
-                key, self.metadata.state_dict_metadata[key], [chunk])
-        return LoadPlan(items)
+    def readable(self) -> bool:
+        return True
 
-    def resolve_tensor(self, read_item):
-        tensor = self.requests[read_item.dest_index.fqn][1]
-        for dim, (start, length) in enumerate(zip(read_item.dest_offsets, read_item.lengths)):
-            tensor = tensor.narrow(dim, start, length)
-        return tensor
+    def seekable(self) -> bool:
+        return True
 
-    def commit_tensor(self, read_item, tensor):
-        pass  # read in place
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._length}[whence]
+        self._pos = base + pos
+        return self._pos
+
+    def readinto(self, buffer) -> int:
+        view = memoryview(buffer).cast("B")
+        size = max(0, min(len(view), self._length - self._pos))
+        if size == 0:
+            return 0
+        read = os.preadv(self._fd, [view[:size]], self._offset + self._pos)
+        self._pos += read
+        return read
 
 
-class _CachedReader(dcp.FileSystemReader):
-    def __init__(self, path: Path):
-        super().__init__(str(path))
-        self._metadata = super().read_metadata()
-
-    def read_metadata(self, *args, **kwargs):
-        return self._metadata
+def _narrow(tensor: torch.Tensor, offsets, lengths) -> torch.Tensor:
+    for dim, (start, length) in enumerate(zip(offsets, lengths)):
+        tensor = tensor.narrow(dim, start, length)
+    return tensor
 
 
 class DistCheckpointReader:
-    """Random access to the global tensors of a megatron-core torch_dist checkpoint."""
+    """Random access to the global tensors of a megatron-core torch_dist checkpoint.
+
+    torch's reader (``dcp.load``) deserialises each stored item with ``torch.load`` into a fresh
+    tensor and copies it into the destination. Here the item's ``torch.save`` record is opened
+    on the meta device (``torch.load(map_location="meta")`` reads only the zip directory and
+    the pickle, and records where the storage bytes start), and the bytes of the requested
+    region are read straight into the destination: one copy, no allocation. Which items hold a
+    region is DCP's own planning (``create_read_items_for_chunk_list``).
+    """
 
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
@@ -160,11 +174,12 @@ class DistCheckpointReader:
             raise ConversionError(f"{config}: sharded_backend {backend!r} is not supported "
                                   "(expected 'torch_dist')")
         try:
-            self._reader = _CachedReader(self.directory)
+            metadata = dcp.FileSystemReader(str(self.directory)).read_metadata()
         except Exception as err:
             raise ConversionError(f"{self.directory}: cannot read .metadata: {err}") from None
+        self._storage = metadata.storage_data
         self.tensors: dict[str, TensorStorageMetadata] = {
-            k: v for k, v in self._reader.read_metadata().state_dict_metadata.items()
+            k: v for k, v in metadata.state_dict_metadata.items()
             if isinstance(v, TensorStorageMetadata)}
 
     def shape(self, key: str) -> tuple[int, ...]:
@@ -173,16 +188,62 @@ class DistCheckpointReader:
     def dtype(self, key: str) -> torch.dtype:
         return self.tensors[key].properties.dtype
 
-    def read(self, key: str, offsets: tuple[int, ...], sizes: tuple[int, ...]) -> torch.Tensor:
-        """The region ``[offsets, offsets + sizes)`` of global tensor ``key``, stored dtype."""
-        tensor = torch.empty(sizes, dtype=self.dtype(key))
-        planner = _RegionLoadPlanner({key: (offsets, tensor)})
-        try:
-            with warnings.catch_warnings():  # "no process group: single-process load" is intended
-                warnings.simplefilter("ignore", UserWarning)
-                dcp.load(state_dict={key: tensor}, storage_reader=self._reader, planner=planner,
-                         no_dist=True)
-        except Exception as err:
-            raise ConversionError(f"{self.directory}: cannot read tensor {key!r} at {offsets}: "
-                                  f"{err}") from None
-        return tensor
+    def read(self, key: str, offsets: tuple[int, ...], sizes: tuple[int, ...],
+             out: torch.Tensor | None = None) -> torch.Tensor:
+        """The region ``[offsets, offsets + sizes)`` of global tensor ``key`` in its stored
+        dtype, read into ``out`` (a tensor of that shape and dtype) when given."""
+        if out is None:
+            out = torch.empty(sizes, dtype=self.dtype(key))
+        elif tuple(out.shape) != tuple(sizes) or out.dtype != self.dtype(key):
+            raise ValueError(f"{key}: out is {tuple(out.shape)} {out.dtype}, the region is "
+                             f"{tuple(sizes)} {self.dtype(key)}")
+        shape = self.shape(key)
+        if len(offsets) != len(shape) or any(
+                o < 0 or o + s > d for o, s, d in zip(offsets, sizes, shape)):
+            raise ConversionError(f"{self.directory}: tensor {key!r} of shape {list(shape)} has "
+                                  f"no region of size {list(sizes)} at {list(offsets)}")
+        region = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=torch.Size(sizes))
+        items = create_read_items_for_chunk_list(key, self.tensors[key], [region])
+        covered = sum(math.prod(item.lengths) for item in items)
+        if covered != out.numel():
+            raise ConversionError(f"{self.directory}: tensor {key!r}: the stored chunks cover "
+                                  f"{covered} of the {out.numel()} elements at {offsets}")
+        for item in items:
+            self._read_item(key, item, _narrow(out, item.dest_offsets, item.lengths))
+        return out
+
+    def _read_item(self, key: str, item, dest: torch.Tensor) -> None:
+        info = self._storage[item.storage_index]
+        path = self.directory / info.relative_path
+        where = f"{path}: tensor {key!r} chunk at {tuple(item.storage_index.offset)}"
+        if getattr(info, "transform_descriptors", None):
+            raise ConversionError(f"{where}: stored with DCP transforms "
+                                  f"{list(info.transform_descriptors)} (e.g. compression), "
+                                  "which this reader does not decode")
+        with rawio.opened(path, where) as fd:
+            try:
+                stored = torch.load(_Window(fd, info.offset, info.length), map_location="meta",
+                                    weights_only=True)
+                start = info.offset + stored.untyped_storage()._checkpoint_offset
+            except Exception as err:
+                raise ConversionError(f"{where}: not a readable torch.save record "
+                                      f"({err})") from None
+            if stored.dtype != dest.dtype:
+                raise ConversionError(f"{where}: stored as {stored.dtype}, the metadata says "
+                                      f"{dest.dtype}")
+            part = _narrow(stored, item.storage_offsets, item.lengths)
+            if part.is_contiguous():  # the usual case: read the region's bytes in place
+                # (through a temporary when the destination is strided, e.g. a column chunk of a
+                # TP-sharded checkpoint: one read, not one per row)
+                target = dest if dest.is_contiguous() else torch.empty(part.shape,
+                                                                       dtype=part.dtype)
+                rawio.read_into(fd, target, start + part.storage_offset() * part.element_size(),
+                                where)
+                if target is not dest:
+                    dest.copy_(target)
+            else:  # a strided record: read its whole storage, then take the region
+                storage = torch.empty(stored.untyped_storage().nbytes(), dtype=torch.uint8)
+                rawio.read_into(fd, storage, start, where)
+                dest.copy_(_narrow(storage.view(stored.dtype).as_strided(
+                    stored.shape, stored.stride(), stored.storage_offset()),
+                    item.storage_offsets, item.lengths))

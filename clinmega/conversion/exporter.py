@@ -1,13 +1,17 @@
 """megatron-core distributed checkpoint -> HF folder (sharded safetensors, config, tokenizer).
 
-One mapping unit (a layer's tensor, or one expert's) is read from the checkpoint at a time,
-turned into its HF tensor(s) and appended to a streaming safetensors writer, so peak memory is
-about the largest single tensor whatever the model size. Runs on one process, no process group.
+One mapping unit (a layer's tensor, or one expert's) is read from the checkpoint at a time into
+one of two reused buffers, and its HF tensors (``hf_views``) are appended from there to a
+streaming safetensors writer without intermediate copies, so peak memory is about two of the
+largest single tensor whatever the model size. Runs on one process, no process group.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
+
+import torch
 
 from clinmega.config.schema import ModelConfig
 from clinmega.conversion import dtypes, staging
@@ -16,11 +20,15 @@ from clinmega.conversion.dist_io import DistCheckpointReader
 from clinmega.conversion.errors import ConversionError
 from clinmega.conversion.hf_io import PlannedTensor, SafetensorsWriter, copy_assets, write_json
 from clinmega.conversion.mapping import EXPERT, LAYER, Mapping, Unit, mapping_table, units
-from clinmega.conversion.prefetch import Prefetcher
+from clinmega.conversion.prefetch import Prefetcher, ReusedBuffers
 from clinmega.conversion.progress import Summary, Tracker
 from clinmega.models.hf import to_hf_config
 
 MODEL_PREFIXES = ("embedding.", "decoder.", "output_layer.")
+
+
+def _nbytes(reader: DistCheckpointReader, keys: dict[Mapping, str], unit: Unit) -> int:
+    return math.prod(unit.mapping.shape) * reader.dtype(keys[unit.mapping]).itemsize
 
 
 def stored_keys(reader: DistCheckpointReader, cfg: ModelConfig,
@@ -77,15 +85,23 @@ def export_hf(ckpt_dir: str | Path, out_dir: str | Path, model: ModelConfig | No
         with staging.staged(out_dir, overwrite) as tmp:
             writer = SafetensorsWriter(tmp, planned, max_shard_bytes)
 
-            def read(unit: Unit):
-                shape, index = unit.mapping.shape, unit.index
-                return reader.read(keys[unit.mapping], index + (0,) * len(shape),
-                                   (1,) * len(index) + shape).reshape(shape)
+            # Two buffers in turn: unit i+1 is read into one while unit i, in the other, is
+            # written; so no unit is read into freshly allocated memory.
+            buffers = ReusedBuffers(2, max(_nbytes(reader, keys, u) for u in plan))
 
-            with Prefetcher(read, plan) as prefetch:  # read the next unit while writing this one
-                for unit in plan:
-                    full = prefetch.get(unit)
-                    for name, tensor in zip(unit.hf_names, unit.mapping.megatron_to_hf(full)):
+            def read(turn: tuple[int, Unit]) -> torch.Tensor:
+                position, unit = turn
+                key, shape, index = keys[unit.mapping], unit.mapping.shape, unit.index
+                lead = (1,) * len(index)
+                out = buffers.tensor(position, lead + shape, reader.dtype(key))
+                return reader.read(key, index + (0,) * len(shape), lead + shape,
+                                   out=out).reshape(shape)
+
+            order = list(enumerate(plan))
+            with Prefetcher(read, order) as prefetch:  # read the next unit while writing this one
+                for position, unit in order:
+                    full = prefetch.get((position, unit))
+                    for name, tensor in zip(unit.hf_names, unit.mapping.hf_views(full)):
                         tensor = dtypes.cast(tensor, out_dtype, name, allow_downcast)
                         tracker.advance(name, writer.write(name, tensor))
                     del full

@@ -1,20 +1,24 @@
 """Hugging Face checkpoint folders: lazy tensor reading and streaming sharded-safetensors writing.
 
-Reading opens a weight file only for the tensors asked for (``safetensors.safe_open``, opened
-per read, so no file mapping outlives the tensors taken from it), so peak memory is about the
-tensors of one mapping. ``.bin`` pickle checkpoints are read only when explicitly allowed, with
-``torch.load(weights_only=True)``.
+The safetensors format (8-byte little-endian header length, JSON header with
+``dtype``/``shape``/``data_offsets``, padded to 8 bytes, then the raw bytes, row-major) is the one
+documented by the safetensors project; both sides handle it directly, so tensor bytes move
+between the file and the caller's memory with one copy:
 
-Writing streams: the shapes and dtypes of all tensors are known in advance, so each shard's
-safetensors header is written first and tensor bytes are appended as they are produced; a
-shard is never held in memory. The format (8-byte little-endian header length, JSON header with
-``dtype``/``shape``/``data_offsets``, padded to 8 bytes, then the raw bytes) is the one
-documented by the safetensors project.
+* Reading parses the headers (validated against the file size) and reads a tensor's bytes with
+  positional reads straight into a tensor the caller provides, which may be a strided view such as
+  one of ``Mapping.hf_views`` (each contiguous block is read in place). Peak memory is what the
+  caller provides. ``.bin`` pickle checkpoints are read only when explicitly allowed, with
+  ``torch.load(weights_only=True)``.
+* Writing streams: the shapes and dtypes of all tensors are known in advance, so each shard's
+  header is written first and tensor bytes are appended as they are produced, from views
+  without making them contiguous first; a shard is never held in memory.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import struct
 from dataclasses import dataclass
@@ -22,8 +26,8 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import torch
-from safetensors import safe_open
 
+from clinmega.conversion import dtypes, rawio
 from clinmega.conversion.errors import ConversionError
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -41,11 +45,47 @@ DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16,
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 
+MAX_HEADER_BYTES = 100 * 2**20
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     file: Path
     shape: tuple[int, ...]
     dtype: torch.dtype
+    offset: int | None = None  # of the tensor's bytes in a safetensors file
+
+
+def _safetensors_header(file: Path) -> dict[str, TensorInfo]:
+    """The tensors of a safetensors file, every entry checked against the file's size."""
+    try:
+        size = file.stat().st_size
+        with open(file, "rb") as f:
+            prefix = f.read(8)
+            length = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else -1
+            if not 0 < length <= min(MAX_HEADER_BYTES, size - 8):
+                raise ValueError(f"header length {length} does not fit the file ({size} bytes)")
+            header = json.loads(f.read(length))
+    except (OSError, ValueError) as err:  # JSONDecodeError is a ValueError
+        raise ConversionError(f"{file}: cannot read safetensors header: {err}") from None
+    if not isinstance(header, dict):
+        raise ConversionError(f"{file}: cannot read safetensors header: not a JSON object")
+    start, out = 8 + length, {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape = DTYPES[entry["dtype"]], tuple(int(d) for d in entry["shape"])
+            begin, end = (int(x) for x in entry["data_offsets"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise ConversionError(f"{file}: tensor {name!r}: bad header entry {entry!r} "
+                                  f"({type(err).__name__}: {err})") from None
+        if end - begin != math.prod(shape) * dtype.itemsize or begin < 0 or start + end > size:
+            raise ConversionError(f"{file}: tensor {name!r}: data_offsets [{begin}, {end}] do not "
+                                  f"hold a {list(shape)} {entry['dtype']} tensor within the "
+                                  f"file's {size} bytes (truncated file?)")
+        out[name] = TensorInfo(file, shape, dtype, start + begin)
+    return out
 
 
 def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
@@ -103,36 +143,25 @@ class HFReader:
         if file.suffix == ".bin":
             return {name: TensorInfo(file, tuple(t.shape), t.dtype)
                     for name, t in _load_pickle(file).items()}
-        try:
-            with safe_open(file, framework="pt") as f:
-                out = {}
-                for name in f.keys():
-                    sl = f.get_slice(name)
-                    out[name] = TensorInfo(file, tuple(sl.get_shape()), DTYPES[sl.get_dtype()])
-                return out
-        except Exception as err:
-            raise ConversionError(f"{file}: cannot read safetensors header: {err}") from None
+        return _safetensors_header(file)
 
-    def read(self, names: Sequence[str]) -> list[torch.Tensor]:
-        """Load ``names`` (each file opened once, then closed)."""
-        by_file: dict[Path, list[str]] = {}
-        for name in names:
-            by_file.setdefault(self.tensors[name].file, []).append(name)
-        loaded: dict[str, torch.Tensor] = {}
-        for file, group in by_file.items():
-            try:
-                if file.suffix == ".bin":
-                    state = _load_pickle(file)
-                    loaded.update({n: state[n].clone() for n in group})
-                    del state
-                    continue
-                with safe_open(file, framework="pt") as f:
-                    loaded.update({n: f.get_tensor(n) for n in group})
-            except ConversionError:
-                raise
-            except Exception as err:
-                raise ConversionError(f"{file}: cannot read tensor(s) {group}: {err}") from None
-        return [loaded[n] for n in names]
+    def read_into(self, name: str, dest: torch.Tensor, allow_downcast: bool = False) -> None:
+        """Fill ``dest`` (same number of elements, any dtype, any view whose row-major order is
+        the tensor's) with tensor ``name``; a lossy cast is refused unless ``allow_downcast``."""
+        info = self.tensors[name]
+        if dest.numel() != math.prod(info.shape):
+            raise ConversionError(f"{info.file}: tensor {name!r} {list(info.shape)} does not fit "
+                                  f"{list(dest.shape)}")
+        if info.offset is None:  # pickle checkpoint
+            state = _load_pickle(info.file)
+            stored = state[name]
+        else:
+            stored = dest if dest.dtype == info.dtype else torch.empty(dest.shape, dtype=info.dtype)
+            where = f"{info.file}: tensor {name!r}"
+            with rawio.opened(info.file, where) as fd:
+                rawio.read_into(fd, stored, info.offset, where)
+        if stored is not dest:
+            dest.copy_(dtypes.cast(stored.reshape(dest.shape), dest.dtype, name, allow_downcast))
 
 
 @dataclass(frozen=True)
@@ -191,12 +220,13 @@ class SafetensorsWriter:
         self._shard = -1
 
     def write(self, name: str, tensor: torch.Tensor) -> int:
-        """Append the next planned tensor; returns the bytes written."""
+        """Append the next planned tensor, given as a tensor or view with its elements in
+        row-major order (e.g. one of ``Mapping.hf_views``); returns the bytes written."""
         if self._next >= len(self._order):
             raise ConversionError(f"tensor {name!r}: all planned tensors were already written")
         shard, planned = self._order[self._next]
-        if (name, tuple(tensor.shape), tensor.dtype) != (planned.name, planned.shape,
-                                                         planned.dtype):
+        if (name, tensor.numel(), tensor.dtype) != (planned.name, math.prod(planned.shape),
+                                                    planned.dtype):
             raise ConversionError(
                 f"tensor {name!r} {tuple(tensor.shape)} {tensor.dtype}: expected "
                 f"{planned.name!r} {planned.shape} {planned.dtype} next")
@@ -205,8 +235,8 @@ class SafetensorsWriter:
             self._shard = shard
             self._stream = open(self.folder / self.files[shard], "wb")
             self._stream.write(_header(self.shards[shard]))
-        data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
-        self._stream.write(memoryview(data))
+        for block in rawio.contiguous_blocks(tensor.detach()):
+            self._stream.write(rawio.byte_view(block))
         self._next += 1
         return planned.nbytes
 

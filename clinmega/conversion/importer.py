@@ -11,6 +11,7 @@ layout; the requested layout is still checked against the model. On N ranks (tor
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 
 import torch
@@ -27,7 +28,7 @@ from clinmega.conversion.dist_io import save_produced
 from clinmega.conversion.errors import ConversionError
 from clinmega.conversion.hf_io import ASSET_FILES, HFReader, copy_assets
 from clinmega.conversion.mapping import Mapping, mapping_table, units
-from clinmega.conversion.prefetch import Prefetcher
+from clinmega.conversion.prefetch import Prefetcher, ReusedBuffers, exact_storage
 from clinmega.conversion.progress import Summary, Tracker
 from clinmega.models import build_model, check_layout, resolve_transformer_impl
 from clinmega.models.dist_ckpt import model_sharded_state_dict
@@ -61,27 +62,35 @@ def validate_hf(reader: HFReader, cfg: ModelConfig, table: list[Mapping]) -> Non
 
 
 class _Producer:
-    """Makes checkpoint chunks from HF tensors, one mapping unit (layer, expert) at a time; the
-    next unit is read while the current one is written."""
+    """Makes checkpoint chunks from HF tensors, one mapping unit (layer, expert) at a time. Each
+    HF tensor is read straight into its place in the unit's megatron tensor (``hf_views``), in
+    one of two reused buffers: the next unit is read into one while the current one, in the
+    other, is written."""
 
     def __init__(self, reader: HFReader, by_key: dict[str, Mapping], allow_downcast: bool,
                  tracker: Tracker):
         self.reader, self.by_key = reader, by_key
         self.allow_downcast, self.tracker = allow_downcast, tracker
         self._prefetch: Prefetcher | None = None
+        self._buffers: ReusedBuffers | None = None
+        self._order: list[tuple] = []
+        self._position = -1
         self._unit: tuple | None = None
         self._full: torch.Tensor | None = None
 
     def _unit_of(self, key: str, offsets: tuple[int, ...], dtype: torch.dtype) -> tuple:
         return key, offsets[:self.by_key[key].scope], dtype
 
-    def _make(self, unit: tuple) -> torch.Tensor:
-        """The full (unsharded) megatron tensor of one unit, in the checkpoint dtype."""
-        key, lead, dtype = unit
+    def _make(self, turn: tuple[int | None, tuple]) -> torch.Tensor:
+        """The full (unsharded) megatron tensor of one unit, in the checkpoint dtype: in buffer
+        ``position``, or in new memory when the position is None."""
+        position, (key, lead, dtype) = turn
         mapping = self.by_key[key]
-        names = mapping.hf_names(*lead)
-        full = mapping.hf_to_megatron(self.reader.read(names))
-        return dtypes.cast(full, dtype, ", ".join(names), self.allow_downcast)
+        full = (torch.empty(mapping.shape, dtype=dtype) if position is None else
+                self._buffers.tensor(position, mapping.shape, dtype))
+        for name, view in zip(mapping.hf_names(*lead), mapping.hf_views(full), strict=True):
+            self.reader.read_into(name, view, self.allow_downcast)
+        return full
 
     def expect(self, chunks) -> None:
         order = []
@@ -90,19 +99,30 @@ class _Producer:
             if not order or order[-1] != unit:
                 order.append(unit)
         self.close()
-        self._prefetch = Prefetcher(self._make, order)
+        self._order, self._position = order, -1
+        self._buffers = ReusedBuffers(2, max(
+            (math.prod(self.by_key[key].shape) * dtype.itemsize for key, _, dtype in order),
+            default=0))
+        self._prefetch = Prefetcher(self._make, list(enumerate(order)))
 
     def __call__(self, key, offsets, sizes, dtype) -> torch.Tensor:
         unit = self._unit_of(key, offsets, dtype)
         if self._unit != unit:
             self._full = None  # release the previous unit before taking the next
-            self._full = self._prefetch.get(unit) if self._prefetch else self._make(unit)
+            following = self._position + 1
+            if following < len(self._order) and self._order[following] == unit:
+                self._position, turn = following, (following, unit)
+            else:  # not where the plan announced it: made apart, in new memory
+                turn = (None, unit)
+            self._full = self._prefetch.get(turn) if self._prefetch else self._make(turn)
             self._unit = unit
         scope = self.by_key[key].scope
         region = self._full
         for dim, (start, size) in enumerate(zip(offsets[scope:], sizes[scope:])):
             region = region.narrow(dim, start, size)
         region = region.reshape(sizes)
+        if region.is_contiguous():  # e.g. the gate or up half of fc1: saved without a clone
+            region = exact_storage(region)
         self.tracker.advance(key, region.nbytes)
         return region
 
@@ -110,7 +130,7 @@ class _Producer:
         if self._prefetch is not None:
             self._prefetch.close()
             self._prefetch = None
-        self._full = self._unit = None
+        self._full = self._unit = self._buffers = None
 
 
 def _sharded_target(cfg: ModelConfig, parallel: ParallelConfig, dtype: torch.dtype,

@@ -1,8 +1,10 @@
 """Declarative HF <-> megatron-core parameter mapping, one table per model family.
 
 Every entry is a small mapping object (in the style of Megatron-Bridge) that relates one
-megatron-core tensor to one or more Hugging Face tensors and knows both directions of the
-transformation, so import and export share one description:
+megatron-core tensor to one or more Hugging Face tensors by one description, ``hf_views``: where
+in the megatron tensor each HF tensor's elements live, as views. Import and export both use it
+(import reads HF bytes into the views, export writes the views), so neither direction has its
+own copy of the logic:
 
 * :class:`Direct` - same tensor under another name (embeddings, norms, projections, router),
 * :class:`QKV` - HF ``q_proj/k_proj/v_proj`` <-> megatron's fused ``linear_qkv`` whose rows are
@@ -60,12 +62,23 @@ class Mapping:
     def hf_names(self, layer: int | None = None, expert: int | None = None) -> list[str]:
         return [name.format(layer=layer, expert=expert) for name in self.hf]
 
-    def hf_to_megatron(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-        (tensor,) = tensors
-        return tensor
+    def hf_views(self, full: torch.Tensor) -> list[torch.Tensor]:
+        """One view of ``full`` (one unit's megatron tensor, shape ``self.shape``) per HF
+        tensor, holding that tensor's elements in HF's row-major order: ``view.reshape(hf_shape)``
+        is the HF tensor. This is the whole transformation: import reads each HF tensor straight
+        into its view, export writes each view out, both without an intermediate copy."""
+        return [full]
 
-    def megatron_to_hf(self, tensor: torch.Tensor) -> list[torch.Tensor]:
-        return [tensor]
+    def hf_to_megatron(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The megatron tensor made of HF ``tensors`` (a new tensor)."""
+        full = torch.empty(self.shape, dtype=tensors[0].dtype)
+        for view, tensor in zip(self.hf_views(full), tensors, strict=True):
+            view.copy_(tensor.reshape(view.shape))
+        return full
+
+    def megatron_to_hf(self, full: torch.Tensor) -> list[torch.Tensor]:
+        """The HF tensors of megatron tensor ``full`` (views where the layout allows)."""
+        return [view.reshape(shape) for view, shape in zip(self.hf_views(full), self.hf_shapes)]
 
 
 class Direct(Mapping):
@@ -88,18 +101,9 @@ class QKV(Mapping):
     def _group_rows(self) -> list[int]:
         return [self.num_heads // self.num_groups * self.head_dim, self.head_dim, self.head_dim]
 
-    def hf_to_megatron(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-        q, k, v = tensors
-        hidden = q.shape[-1]
-        per_group = [t.reshape(self.num_groups, rows, hidden)
-                     for t, rows in zip((q, k, v), self._group_rows())]
-        return torch.cat(per_group, dim=1).reshape(self.shape)
-
-    def megatron_to_hf(self, tensor: torch.Tensor) -> list[torch.Tensor]:
-        hidden = tensor.shape[-1]
-        grouped = tensor.reshape(self.num_groups, -1, hidden)
-        parts = torch.split(grouped, self._group_rows(), dim=1)
-        return [p.reshape(-1, hidden) for p in parts]
+    def hf_views(self, full: torch.Tensor) -> list[torch.Tensor]:
+        grouped = full.reshape(self.num_groups, -1, full.shape[-1])
+        return list(torch.split(grouped, self._group_rows(), dim=1))  # (groups, rows, hidden)
 
 
 class GatedMLP(Mapping):
@@ -115,11 +119,8 @@ class GatedMLP(Mapping):
         rows, hidden = self.hf_shapes[0]
         return (2 * rows, hidden)
 
-    def hf_to_megatron(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-        return torch.cat(list(tensors), dim=0)
-
-    def megatron_to_hf(self, tensor: torch.Tensor) -> list[torch.Tensor]:
-        return list(torch.chunk(tensor, 2, dim=0))
+    def hf_views(self, full: torch.Tensor) -> list[torch.Tensor]:
+        return list(torch.chunk(full, 2, dim=0))
 
 
 def _attention(cfg: ModelConfig) -> list[Mapping]:
