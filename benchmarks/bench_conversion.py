@@ -4,8 +4,10 @@ Generates a random bf16 HF checkpoint shaped like Mistral-7B (``--layers`` trunc
 shaped like Mixtral-8x7B truncated to ``--mixtral-layers`` layers, then times ``import-hf`` and
 ``export-hf`` (each in a fresh process, so its peak RSS is its own) against the disk limit:
 reading the same input files and writing the same number of bytes, fsync'd, in a plain loop,
-measured right before and right after each step (mean).
-The page cache is dropped before every measurement when the process may do so (root).
+measured right before and right after each step (mean). ``--tp2`` adds an import on 2 ranks
+(torchrun) at TP2, whose checkpoint holds TP chunks as a training run's does, and an export from
+it; peak RSS is then that of the largest rank. The page cache is dropped before every
+measurement when the process may do so (root).
 
     python benchmarks/bench_conversion.py --workdir /tmp/bench --layers 8
 """
@@ -118,20 +120,36 @@ def timed_step(cmd: list[str], src: Path, scratch: Path, drop: Path | None) -> t
     return seconds, rss, (before + after) / 2
 
 
-def bench(name: str, preset: str, layers: int, work: Path, keep: bool) -> list[tuple]:
-    hf, mcore, out = work / name / "hf", work / name / "mcore", work / name / "export"
+def convert(step: str, src: Path, dst: Path, ranks: int = 1, *layout: str) -> list[str]:
+    script = [str(ROOT / "conversion" / f"{step}_hf.py"), str(src), str(dst), *layout,
+              "--overwrite", "--no-progress"]
+    if ranks == 1:
+        return [sys.executable, *script]
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={ranks}", *script]
+
+
+def bench(name: str, preset: str, layers: int, work: Path, keep: bool, tp2: bool
+          ) -> list[tuple]:
+    folder = work / name
+    hf, mcore, tp2_ckpt = folder / "hf", folder / "mcore", folder / "mcore-tp2"
     start = time.perf_counter()
     size = generate(preset, layers, hf)
     print(f"{name}: {size / 1e9:.2f} GB of bf16 weights ({time.perf_counter() - start:.0f} s "
           "to generate)", flush=True)
+    steps = [("import", hf, convert("import", hf, mcore), None),
+             ("export", mcore, convert("export", mcore, folder / "export"), folder / "export")]
+    if tp2:  # a checkpoint with TP chunks (each rank writes its shards), exported from there
+        steps += [("import 2 ranks TP2", hf, convert("import", hf, tp2_ckpt, 2, "--tp", "2"),
+                   None),
+                  ("export from TP2", tp2_ckpt, convert("export", tp2_ckpt, folder / "export2"),
+                   folder / "export2")]
     rows = []
-    for step, src, dst, drop in (("import", hf, mcore, None),
-                                 ("export", mcore, out, None if keep else out)):
-        cmd = [sys.executable, str(ROOT / "conversion" / f"{step}_hf.py"), str(src), str(dst),
-               "--overwrite", "--no-progress"]
-        rows.append((name, step, size, *timed_step(cmd, src, work / "copy", drop)))
+    for step, src, cmd, drop in steps:
+        rows.append((name, step, size, *timed_step(cmd, src, work / "copy",
+                                                   None if keep else drop)))
     if not keep:
         shutil.rmtree(mcore)
+        shutil.rmtree(tp2_ckpt, ignore_errors=True)
     return rows
 
 
@@ -144,21 +162,23 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true",
                         help="keep converted outputs (needs 4x the checkpoint size free on disk, "
                              "3x without)")
+    parser.add_argument("--tp2", action="store_true",
+                        help="also import Mistral on 2 ranks at TP2 and export from that")
     args = parser.parse_args()
     cached = "dropped" if drop_caches() else "NOT dropped (needs root)"
     rows = []
     if args.layers:
         rows += bench(f"mistral-7b-L{args.layers}", "mistral-7b-v0.1", args.layers, args.workdir,
-                      args.keep)
+                      args.keep, args.tp2)
     if args.mixtral_layers:
         rows += bench(f"mixtral-8x7b-L{args.mixtral_layers}", "mixtral-8x7b",
-                      args.mixtral_layers, args.workdir, args.keep)
+                      args.mixtral_layers, args.workdir, args.keep, tp2=False)
     print(f"\npage cache {cached} before each run; disk limit = read the inputs + write as many "
           "bytes, fsync'd (mean of right before and right after the step)")
-    print(f"{'model':<20} {'step':<7} {'GB':>6} {'seconds':>8} {'disk s':>7} {'ratio':>6} "
+    print(f"{'model':<20} {'step':<18} {'GB':>6} {'seconds':>8} {'disk s':>7} {'ratio':>6} "
           f"{'GB/s':>5} {'peak RSS GiB':>12}")
     for name, step, size, sec, rss, base in rows:
-        print(f"{name:<20} {step:<7} {size / 1e9:>6.2f} {sec:>8.1f} {base:>7.1f} "
+        print(f"{name:<20} {step:<18} {size / 1e9:>6.2f} {sec:>8.1f} {base:>7.1f} "
               f"{sec / base:>6.2f} {size / 1e9 / sec:>5.2f} {rss / 2**30:>12.2f}")
 
 
