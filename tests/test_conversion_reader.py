@@ -60,7 +60,7 @@ def test_regions_equal_torch_dcp(tmp_path, transposed):
     folder = save_chunked(tmp_path / "ckpt", transposed)
     reader = DistCheckpointReader(folder)
     assert reader.shape("w") == tuple(FULL.shape) and reader.dtype("w") == torch.float32
-    buffers = ReusedBuffers(2, FULL.numel() * 4)
+    buffers = ReusedBuffers(2, [(FULL.shape, torch.float32)])
     for turn, (offsets, sizes) in enumerate(REGIONS):
         expected = dcp_reference(folder, offsets, sizes)
         assert torch.equal(expected, FULL[tuple(slice(o, o + s) for o, s in zip(offsets, sizes))])
@@ -70,7 +70,7 @@ def test_regions_equal_torch_dcp(tmp_path, transposed):
 
 
 def test_reused_buffers_alternate_and_bound(tmp_path):
-    buffers = ReusedBuffers(2, 64)
+    buffers = ReusedBuffers(2, [((2, 2), torch.float32), ((4, 4), torch.float32)])
     a, b, c = (buffers.tensor(t, (4, 4), torch.float32) for t in range(3))
     assert a.data_ptr() == c.data_ptr() != b.data_ptr()
     with pytest.raises(ValueError, match=r"\(5, 4\) torch.float32 needs 80 bytes"):

@@ -8,7 +8,6 @@ largest single tensor whatever the model size. Runs on one process, no process g
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
@@ -26,9 +25,6 @@ from clinmega.models.hf import to_hf_config
 
 MODEL_PREFIXES = ("embedding.", "decoder.", "output_layer.")
 
-
-def _nbytes(reader: DistCheckpointReader, keys: dict[Mapping, str], unit: Unit) -> int:
-    return math.prod(unit.mapping.shape) * reader.dtype(keys[unit.mapping]).itemsize
 
 
 def stored_keys(reader: DistCheckpointReader, cfg: ModelConfig,
@@ -87,7 +83,8 @@ def export_hf(ckpt_dir: str | Path, out_dir: str | Path, model: ModelConfig | No
 
             # Two buffers in turn: unit i+1 is read into one while unit i, in the other, is
             # written; so no unit is read into freshly allocated memory.
-            buffers = ReusedBuffers(2, max(_nbytes(reader, keys, u) for u in plan))
+            buffers = ReusedBuffers(2, ((u.mapping.shape, reader.dtype(keys[u.mapping]))
+                                        for u in plan))
 
             def read(turn: tuple[int, Unit]) -> torch.Tensor:
                 position, unit = turn

@@ -80,7 +80,7 @@ def _safetensors_header(file: Path) -> dict[str, TensorInfo]:
         except (KeyError, TypeError, ValueError) as err:
             raise ConversionError(f"{file}: tensor {name!r}: bad header entry {entry!r} "
                                   f"({type(err).__name__}: {err})") from None
-        if end - begin != math.prod(shape) * dtype.itemsize or begin < 0 or start + end > size:
+        if end - begin != rawio.nbytes(shape, dtype) or begin < 0 or start + end > size:
             raise ConversionError(f"{file}: tensor {name!r}: data_offsets [{begin}, {end}] do not "
                                   f"hold a {list(shape)} {entry['dtype']} tensor within the "
                                   f"file's {size} bytes (truncated file?)")
@@ -172,10 +172,7 @@ class PlannedTensor:
 
     @property
     def nbytes(self) -> int:
-        numel = 1
-        for dim in self.shape:
-            numel *= dim
-        return numel * torch.empty((), dtype=self.dtype).element_size()
+        return rawio.nbytes(self.shape, self.dtype)
 
 
 def _split_shards(planned: Sequence[PlannedTensor], max_bytes: int) -> list[list[PlannedTensor]]:

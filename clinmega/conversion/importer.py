@@ -11,7 +11,6 @@ layout; the requested layout is still checked against the model. On N ranks (tor
 from __future__ import annotations
 
 import dataclasses
-import math
 from pathlib import Path
 
 import torch
@@ -100,9 +99,8 @@ class _Producer:
                 order.append(unit)
         self.close()
         self._order, self._position = order, -1
-        self._buffers = ReusedBuffers(2, max(
-            (math.prod(self.by_key[key].shape) * dtype.itemsize for key, _, dtype in order),
-            default=0))
+        self._buffers = ReusedBuffers(2, ((self.by_key[key].shape, dtype)
+                                          for key, _, dtype in order))
         self._prefetch = Prefetcher(self._make, list(enumerate(order)))
 
     def __call__(self, key, offsets, sizes, dtype) -> torch.Tensor:

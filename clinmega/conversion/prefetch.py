@@ -3,11 +3,12 @@ the buffers that let streaming reuse memory instead of allocating per tensor."""
 
 from __future__ import annotations
 
-import math
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Callable, Generic, Hashable, Sequence, TypeVar
+from typing import Callable, Generic, Hashable, Iterable, Sequence, TypeVar
 
 import torch
+
+from clinmega.conversion.rawio import nbytes
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
@@ -51,7 +52,8 @@ class Prefetcher(Generic[K, V]):
 
 
 class ReusedBuffers:
-    """``count`` byte buffers of ``nbytes`` used in turn (``turn % count``).
+    """``count`` byte buffers, each large enough for the largest of ``tensors`` (shape, dtype),
+    used in turn (``turn % count``).
 
     Streaming conversion handles one tensor after another; reading each into fresh memory costs
     a page fault per 4 KiB on first touch, which on virtual machines takes as long as the disk
@@ -60,17 +62,18 @@ class ReusedBuffers:
     ``Prefetcher``: two buffers, turn = position in the order).
     """
 
-    def __init__(self, count: int, nbytes: int):
-        self._buffers = [torch.empty(nbytes, dtype=torch.uint8) for _ in range(count)]
+    def __init__(self, count: int, tensors: Iterable[tuple[Sequence[int], torch.dtype]]):
+        size = max((nbytes(shape, dtype) for shape, dtype in tensors), default=0)
+        self._buffers = [torch.empty(size, dtype=torch.uint8) for _ in range(count)]
 
     def tensor(self, turn: int, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
         """An uninitialised ``shape``/``dtype`` tensor in buffer ``turn % count``."""
         buffer = self._buffers[turn % len(self._buffers)]
-        nbytes = math.prod(shape) * dtype.itemsize
-        if nbytes > buffer.numel():
-            raise ValueError(f"{tuple(shape)} {dtype} needs {nbytes} bytes, buffers hold "
+        size = nbytes(shape, dtype)
+        if size > buffer.numel():
+            raise ValueError(f"{tuple(shape)} {dtype} needs {size} bytes, buffers hold "
                              f"{buffer.numel()}")
-        return exact_storage(buffer[:nbytes].view(dtype).view(tuple(shape)))
+        return exact_storage(buffer[:size].view(dtype).view(tuple(shape)))
 
 
 def exact_storage(tensor: torch.Tensor) -> torch.Tensor:

@@ -3,14 +3,20 @@ tensors, and the contiguous pieces a strided view is written from."""
 
 from __future__ import annotations
 
+import math
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 
 from clinmega.conversion.errors import ConversionError
+
+
+def nbytes(shape: Sequence[int], dtype: torch.dtype) -> int:
+    """Bytes of a ``shape`` tensor of ``dtype``."""
+    return math.prod(shape) * dtype.itemsize
 
 
 def contiguous_blocks(tensor: torch.Tensor) -> Iterator[torch.Tensor]:
