@@ -136,6 +136,8 @@ def test_views_are_read_and_written_in_place(tmp_path):
     for name, view in zip(names, views):
         writer.write(name, view)
     writer.close()
+    with safe_open(tmp_path / "model.safetensors", framework="pt") as f:  # the library's reader
+        assert all(torch.equal(f.get_tensor(n), t) for n, t in zip(names, (q, k, v)))
     reader = HFReader(tmp_path)
     assert {n: reader.tensors[n].shape for n in names} == {"q": (64, 64), "k": (32, 64),
                                                            "v": (32, 64)}
