@@ -108,6 +108,18 @@ class ParallelConfig:
     def model_parallel_size(self) -> int:
         return self.tensor_parallel * self.pipeline_parallel * self.context_parallel
 
+    def megatron_sizes(self) -> dict:
+        """The sizes under the keyword names that megatron-core's ``initialize_model_parallel``
+        and ``TransformerConfig`` both take."""
+        return dict(
+            tensor_model_parallel_size=self.tensor_parallel,
+            pipeline_model_parallel_size=self.pipeline_parallel,
+            virtual_pipeline_model_parallel_size=self.virtual_pipeline_parallel,
+            context_parallel_size=self.context_parallel,
+            expert_model_parallel_size=self.expert_parallel,
+            expert_tensor_parallel_size=self.expert_tensor_parallel,
+        )
+
     def data_parallel_size(self, world_size: int) -> int:
         if world_size % self.model_parallel_size:
             raise ConfigError(

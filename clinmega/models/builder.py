@@ -91,12 +91,7 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, precision: 
         fp16=precision.dtype == "fp16",
         pipeline_dtype=dtype,
         autocast_dtype=dtype,
-        tensor_model_parallel_size=parallel.tensor_parallel,
-        pipeline_model_parallel_size=parallel.pipeline_parallel,
-        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_parallel,
-        context_parallel_size=parallel.context_parallel,
-        expert_model_parallel_size=parallel.expert_parallel,
-        expert_tensor_parallel_size=parallel.expert_tensor_parallel,
+        **parallel.megatron_sizes(),
         sequence_parallel=parallel.sequence_parallel,
         transformer_impl=impl,
         # CPU: build the full weight on CPU and slice it, so every layout starts from the same

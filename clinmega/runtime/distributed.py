@@ -117,12 +117,7 @@ def init_model_parallel(parallel: ParallelConfig, runtime: RuntimeConfig) -> Non
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
     ps.initialize_model_parallel(
-        tensor_model_parallel_size=parallel.tensor_parallel,
-        pipeline_model_parallel_size=parallel.pipeline_parallel,
-        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_parallel,
-        context_parallel_size=parallel.context_parallel,
-        expert_model_parallel_size=parallel.expert_parallel,
-        expert_tensor_parallel_size=parallel.expert_tensor_parallel,
+        **parallel.megatron_sizes(),
         distributed_timeout_minutes=runtime.distributed_timeout_minutes,
         create_gloo_process_groups=True,
     )
