@@ -10,7 +10,8 @@ from data_utils import write_jsonl
 from clinmega.data.config import SFTPrepConfig
 from clinmega.data.packing import block_causal_mask
 from clinmega.data.sft import prepare_sft
-from clinmega.data.sft_dataset import SFTDataset, collate_packed
+from clinmega.data.sft_dataset import SFTDataset
+from clinmega.training.data import collate, packed_attention_mask
 
 
 @pytest.fixture()
@@ -65,7 +66,8 @@ def test_packed_equals_unpacked_per_token_loss(tmp_path, tiny_model):
     assert multi, "expected bins holding several samples"
     checked = 0
     for b in multi[:2]:
-        batch = collate_packed([ds[b]], attention_mask=True)
+        batch = collate([ds[b]])
+        batch["attention_mask"] = packed_attention_mask(batch["cu_seqlens"], S)
         packed = _per_token_loss(
             tiny_model, batch["tokens"], batch["position_ids"], batch["attention_mask"], batch["labels"]
         )[0]
@@ -85,7 +87,8 @@ def test_packed_equals_unpacked_per_token_loss(tmp_path, tiny_model):
     assert checked >= 6
     # the mask matters: without it, later samples in a bin see earlier ones and the loss changes
     b = multi[0]
-    batch = collate_packed([ds[b]], attention_mask=True)
+    batch = collate([ds[b]])
+    batch["attention_mask"] = packed_attention_mask(batch["cu_seqlens"], S)
     causal = block_causal_mask([0, S], S)
     leaky = _per_token_loss(tiny_model, batch["tokens"], batch["position_ids"], causal, batch["labels"])[0]
     packed = _per_token_loss(

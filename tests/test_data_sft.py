@@ -17,7 +17,8 @@ from clinmega.data.packing import (
     position_ids_from_cu_seqlens,
 )
 from clinmega.data.sft import ConversationError, make_template, prepare_sft, to_messages
-from clinmega.data.sft_dataset import IGNORE_INDEX, SFTDataset, collate_packed
+from clinmega.data.sft_dataset import IGNORE_INDEX, SFTDataset
+from clinmega.training.data import collate, packed_attention_mask, thd_batch
 from clinmega.data.tokenizers import load_tokenizer, mistral_common_model_path
 
 CONVERSATION = [
@@ -159,9 +160,11 @@ def test_prepare_sft_end_to_end_dataset_contract(tmp_path):
             assert item["labels"][start : start + n].tolist() == lab.tolist()
             start += n
     assert sorted(seen) == list(range(ds.num_samples))
-    batch = collate_packed([ds[0], ds[1]], attention_mask=True)
-    assert batch["tokens"].shape == (2, 256) and batch["attention_mask"].shape == (2, 1, 256, 256)
-    assert batch["cu_seqlens"][-1] == 512 and batch["cu_seqlens"].dtype == torch.int32
+    batch = collate([ds[0], ds[1]])
+    assert batch["tokens"].shape == (2, 256)
+    assert packed_attention_mask(batch["cu_seqlens"], 256).shape == (2, 1, 256, 256)
+    thd = thd_batch(batch)["packed_seq_params"]
+    assert thd.cu_seqlens_q[-1] == 512 and thd.cu_seqlens_q.dtype == torch.int32
 
 
 @pytest.mark.parametrize("policy", ["truncate", "drop"])

@@ -11,9 +11,9 @@ Each item is one bin of ``seq_length`` positions holding whole samples back to b
 * ``cu_seqlens`` int32 ``[n+1]``: sub-sequence boundaries, ending at ``S`` (the padding tail, if any,
   is its own sub-sequence, with no loss).
 
-``collate_packed`` stacks items into a batch and flattens ``cu_seqlens`` for Transformer Engine's THD
-layout; with ``attention_mask=True`` it also adds the block-diagonal causal mask ``[b, 1, S, S]``
-(True = masked out) for attention backends without THD support.
+Training batches them with :func:`clinmega.training.data.collate` (the one packed collate), which
+either flattens them into Transformer Engine's THD layout (``thd_batch``) or builds the
+block-diagonal causal mask for the local spec (``packed_attention_mask``).
 """
 
 from __future__ import annotations
@@ -21,13 +21,11 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
-
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from clinmega.data.packing import block_causal_mask, position_ids_from_cu_seqlens
+from clinmega.data.packing import position_ids_from_cu_seqlens
 
 IGNORE_INDEX = -100
 
@@ -94,18 +92,3 @@ class SFTDataset(Dataset):
             "cu_seqlens": cu_seqlens,
         }
 
-
-def collate_packed(items: list[dict[str, torch.Tensor]], attention_mask: bool = False) -> dict[str, Any]:
-    """Batch of packed bins: stacked ``[b, S]`` tensors, ``cu_seqlens`` flattened over the batch (THD:
-    bin ``k``'s boundaries offset by ``k*S``), ``max_seqlen``, and optionally ``attention_mask``."""
-    S = items[0]["tokens"].numel()
-    batch: dict[str, Any] = {
-        k: torch.stack([it[k] for it in items]) for k in ("tokens", "labels", "loss_mask", "position_ids")
-    }
-    parts = [it["cu_seqlens"][:-1] + k * S for k, it in enumerate(items)]
-    cu = torch.cat([*parts, torch.tensor([len(items) * S], dtype=torch.int32)]).to(torch.int32)
-    batch["cu_seqlens"] = cu
-    batch["max_seqlen"] = int((cu[1:] - cu[:-1]).max())
-    if attention_mask:
-        batch["attention_mask"] = torch.cat([block_causal_mask(it["cu_seqlens"], S) for it in items])
-    return batch

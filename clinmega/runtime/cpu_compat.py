@@ -102,6 +102,36 @@ def _patch_masks() -> None:
         module.get_sliding_window_causal_mask = get_sliding_window_causal_mask
 
 
+def _patch_window_mask() -> None:
+    from megatron.core.fusions import fused_softmax
+
+    cls = fused_softmax.FusedScaleMaskSoftmax
+    original = cls.forward_torch_softmax
+
+    def forward_torch_softmax(self, input, mask, softmax_offset=None):
+        """Sliding window AND the explicit mask (a packed block-causal one), not the window alone."""
+        if self.window_size is None or mask is None:
+            return original(self, input, mask, softmax_offset)
+        window = fused_softmax.get_sliding_window_causal_mask(input.size(2), input.size(3),
+                                                              self.window_size)
+        saved, self.window_size = self.window_size, None
+        try:
+            return original(self, input, mask | window.to(mask.device), softmax_offset)
+        finally:
+            self.window_size = saved
+
+    forward_torch_softmax.clinmega_patched = True
+    cls.forward_torch_softmax = forward_torch_softmax
+
+
+def window_keeps_explicit_mask() -> bool:
+    """Whether the local attention honours an explicit mask under a sliding window (this patch)."""
+    from megatron.core.fusions import fused_softmax
+
+    return getattr(fused_softmax.FusedScaleMaskSoftmax.forward_torch_softmax, "clinmega_patched",
+                   False)
+
+
 # --- 4 + 5. MoE alltoall dispatcher: CUDA side stream, D2H copies as numpy split sizes --------
 def _patch_moe() -> None:
     from megatron.core.transformer.moe import moe_utils, token_dispatcher
@@ -213,6 +243,10 @@ PATCHES = (
     Patch("causal_masks", "transformer.utils.get_default_causal_mask and "
           "get_sliding_window_causal_mask (and their copies in fusions.fused_softmax) use "
           "device='cuda'", _patch_masks),
+    Patch("window_mask", "fusions.fused_softmax.FusedScaleMaskSoftmax.forward_torch_softmax "
+          "replaces an explicit attention mask by the sliding-window mask when "
+          "config.window_size is set, so packed samples attend across each other (Mistral v0.1)",
+          _patch_window_mask),
     Patch("moe_dispatcher", "MoEAlltoAllTokenDispatcher.cuda_dtoh_stream is a CUDA stream and "
           "moe_utils.maybe_move_tensor_to_cpu leaves CPU split sizes as tensors", _patch_moe),
     Patch("distopt_torch_adam_load", "DistributedOptimizer.sharded_state_dict(is_loading=True) "
@@ -243,4 +277,4 @@ def applied() -> list[str]:
     return list(_APPLIED)
 
 
-__all__ = ["PATCHES", "apply", "applied"]
+__all__ = ["PATCHES", "apply", "applied", "window_keeps_explicit_mask"]

@@ -16,12 +16,14 @@ therefore just the step, and a run resumes at any data-parallel size on the same
 
 from __future__ import annotations
 
+import math
 from typing import Any, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 import torch
 
 from clinmega.config import ConfigError
+from clinmega.data.packing import block_causal_mask, position_ids_from_cu_seqlens
 from clinmega.training.config import DataConfig, ExperimentConfig
 
 IGNORE_INDEX = -100
@@ -86,7 +88,7 @@ def _item(tokens, labels, loss_mask, cu_seqlens=None) -> dict[str, torch.Tensor]
         item["position_ids"] = torch.arange(len(tokens))
         return item
     cu = torch.tensor(cu_seqlens, dtype=torch.int32)
-    item["position_ids"] = torch.cat([torch.arange(int(b - a)) for a, b in zip(cu[:-1], cu[1:])])
+    item["position_ids"] = position_ids_from_cu_seqlens(cu, len(tokens))
     item["cu_seqlens"] = cu
     return item
 
@@ -142,6 +144,11 @@ def _write_blend_report(cfg: ExperimentConfig, report: dict) -> None:
               f"{row['tokens_available']:,} tokens = {row['effective_epochs']} epochs", flush=True)
 
 
+def is_packed(data: DataConfig) -> bool:
+    """Whether this data config yields packed items (with ``cu_seqlens``)."""
+    return data.kind == "sft" or (data.kind == "synthetic" and data.synthetic_packed)
+
+
 def build_sources(cfg: ExperimentConfig) -> tuple[BatchSource, BatchSource | None]:
     """(train source, validation source or None) for this experiment."""
     data, train = cfg.data, cfg.train
@@ -187,7 +194,9 @@ class GlobalBatchSampler:
 
 
 def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack items into ``[b, S]`` tensors; ``cu_seqlens`` stays a per-row list."""
+    """Stack items into ``[b, S]`` tensors; ``cu_seqlens`` stays a per-row list (the one packed
+    collate: :func:`thd_batch` flattens it for Transformer Engine, :func:`packed_attention_mask`
+    makes the dense mask for the local spec)."""
     batch: dict[str, Any] = {k: torch.stack([torch.as_tensor(it[k]) for it in items])
                              for k in ("tokens", "labels", "loss_mask", "position_ids")}
     batch["loss_mask"] = batch["loss_mask"].float()
@@ -200,6 +209,77 @@ def packed_attention_mask(cu_seqlens: list[torch.Tensor], seq_length: int,
                           window: int | None = None) -> torch.Tensor:
     """``[b, 1, S, S]`` bool, True = masked: one :func:`clinmega.data.packing.block_causal_mask`
     per sample of the batch (causal within each packed sub-sequence, within ``window`` keys)."""
-    from clinmega.data.packing import block_causal_mask
-
     return torch.cat([block_causal_mask(cu, seq_length, window) for cu in cu_seqlens])
+
+
+def thd_alignment(tensor_parallel: int, sequence_parallel: bool, context_parallel: int = 1,
+                  fp8: bool = False) -> int:
+    """The multiple every packed sub-sequence is padded to in the THD layout: TP under sequence
+    parallelism (the flattened tokens are split over TP ranks), ``2*CP`` with context parallelism
+    (each sequence is cut into 2*CP chunks, megatron-core's load-balanced split), and 16 with FP8
+    (Transformer Engine's FP8 GEMMs want token counts divisible by 16; NeMo pads the same way)."""
+    multiple = tensor_parallel if sequence_parallel else 1
+    if context_parallel > 1:
+        multiple *= 2 * context_parallel
+    if fp8:
+        multiple = math.lcm(multiple, 16)
+    return multiple
+
+
+def thd_batch(batch: dict[str, Any], multiple: int = 1, pad_id: int = 0) -> dict[str, Any]:
+    """The packed ``[b, S]`` microbatch (with per-row ``cu_seqlens``) in Transformer Engine's THD
+    layout, as megatron-core's ``PackedSeqParams(qkv_format="thd")`` route wants it.
+
+    All rows go back to back into one ``[1, T]`` row; every sub-sequence (the padding tail of a
+    bin is one too, without loss) is followed by pad slots up to a multiple of ``multiple``. The
+    result has ``tokens, labels, loss_mask, position_ids`` of ``[1, T]`` (pad slots: ``pad_id``,
+    ``IGNORE_INDEX``, 0, positions continuing the sub-sequence, so they restart at 0 per sample),
+    ``packed_seq_params`` (``cu_seqlens_q/kv`` the real boundaries, ``*_padded`` the padded ones,
+    ``max_seqlen_q/kv`` the longest padded sub-sequence: RoPE's table must cover it), and
+    ``thd_index`` (``[T]`` int64: the flat ``b*S`` position of each slot, -1 for pad slots;
+    :func:`to_thd` maps any other per-token ``[b, S]`` tensor with it). A NEFTune context's
+    ``scale`` is mapped too. Real tokens keep their labels and loss mask; no ``S x S`` mask exists.
+    """
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    if multiple < 1:
+        raise ValueError(f"thd_batch: multiple must be >= 1, got {multiple}")
+    tokens = batch["tokens"]
+    b, S = tokens.shape
+    real, padded, index = [0], [0], []
+    for row, cu in enumerate(batch["cu_seqlens"]):
+        cu = torch.as_tensor(cu, dtype=torch.int64)
+        if cu.numel() < 2 or int(cu[0]) != 0 or int(cu[-1]) != S or bool((cu[1:] <= cu[:-1]).any()):
+            raise ValueError(f"thd_batch: row {row}: cu_seqlens {cu.tolist()} must rise strictly "
+                             f"from 0 to the sequence length {S}")
+        for a, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
+            n = e - a
+            p = -(-n // multiple) * multiple
+            index.append(torch.arange(row * S + a, row * S + e))
+            index.append(torch.full((p - n,), -1, dtype=torch.int64))
+            real.append(real[-1] + n)
+            padded.append(padded[-1] + p)
+    thd_index = torch.cat(index)
+    positions = position_ids_from_cu_seqlens(padded, len(thd_index))
+    out = {k: v for k, v in batch.items() if k not in ("cu_seqlens", "attention_mask")}
+    out.update(tokens=to_thd(tokens, thd_index, pad_id),
+               labels=to_thd(batch["labels"], thd_index, IGNORE_INDEX),
+               loss_mask=to_thd(batch["loss_mask"], thd_index, 0),
+               position_ids=positions[None], thd_index=thd_index)
+    if batch.get("neftune") is not None:
+        out["neftune"] = dict(batch["neftune"], scale=to_thd(batch["neftune"]["scale"], thd_index, 0))
+    cu_real, cu_padded = torch.tensor(real, dtype=torch.int32), torch.tensor(padded, dtype=torch.int32)
+    max_len = int((cu_padded[1:] - cu_padded[:-1]).max())
+    out["packed_seq_params"] = PackedSeqParams(
+        qkv_format="thd", cu_seqlens_q=cu_real, cu_seqlens_kv=cu_real, cu_seqlens_q_padded=cu_padded,
+        cu_seqlens_kv_padded=cu_padded, max_seqlen_q=max_len, max_seqlen_kv=max_len)
+    return out
+
+
+def to_thd(values: torch.Tensor, thd_index: torch.Tensor, fill) -> torch.Tensor:
+    """A per-token ``[b, S]`` tensor in the THD layout of :func:`thd_batch`: ``[1, T]``, ``fill``
+    on pad slots."""
+    flat = values.reshape(-1)
+    out = flat[thd_index.clamp(min=0)].clone()
+    out[thd_index < 0] = fill
+    return out[None]

@@ -28,7 +28,7 @@ from clinmega.models.dist_ckpt import load_model_weights
 from clinmega.runtime import initialize
 from clinmega.training.checkpoint import Checkpointer, TerminationFlag, TrainingState
 from clinmega.training.config import ExperimentConfig
-from clinmega.training.data import GlobalBatchSampler, build_sources
+from clinmega.training.data import GlobalBatchSampler, build_sources, is_packed
 from clinmega.models.flops import training_flops_per_token
 from clinmega.training.logging import MetricsLogger, StepTimer, peak_tflops
 from clinmega.training.neftune import NEFTune
@@ -131,6 +131,18 @@ def _ddp_config(cfg: ExperimentConfig) -> DistributedDataParallelConfig:
         overlap_grad_reduce=False, check_for_nan_in_grad=False)
 
 
+def _packed_overrides(cfg: ExperimentConfig) -> dict:
+    """Packed data on Transformer Engine under pipelining: THD microbatches are one row whose
+    length depends on the per-sample padding, so stages exchange shapes (megatron-core's
+    ``variable_seq_lengths``) instead of assuming ``[S/tp, b, h]``."""
+    from clinmega.models import resolve_transformer_impl
+
+    te = resolve_transformer_impl(cfg.runtime.transformer_impl) == "transformer_engine"
+    if te and is_packed(cfg.data) and cfg.parallel.pipeline_parallel > 1:
+        return dict(variable_seq_lengths=True)
+    return {}
+
+
 def build_trainer(cfg: ExperimentConfig) -> Trainer:
     """Everything up to (and including) resuming; the runtime must be initialised."""
     train = cfg.train
@@ -139,7 +151,7 @@ def build_trainer(cfg: ExperimentConfig) -> Trainer:
     checkpointer = Checkpointer(cfg.checkpoint_dir, cfg.checkpoint.keep_last, cfg.checkpoint.async_save)
     latest = checkpointer.latest() if cfg.checkpoint.resume else None
     chunks = build_model(cfg.model, cfg.parallel, cfg.precision, cfg.runtime,
-                         **train.transformer_overrides())
+                         **train.transformer_overrides(), **_packed_overrides(cfg))
     if cfg.checkpoint.load_weights and latest is None:  # a resumed run has its own weights
         path = Path(cfg.checkpoint.load_weights)
         if not path.is_dir():

@@ -4,8 +4,15 @@
 chosen by megatron-core from the parallel state) over a list of microbatches, with Megatron DDP
 doing the gradient reduction through ``finalize_model_grads``. Microbatches are dicts of
 ``tokens, labels, loss_mask, position_ids`` and optionally ``attention_mask`` (bool, True = masked),
-``cu_seqlens`` (a per-row list of packed sub-sequence boundaries: attention is then masked to each
-sub-sequence), ``packed_seq_params`` and ``neftune`` (the NEFTune noise context of the microbatch).
+``cu_seqlens`` (a per-row list of packed sub-sequence boundaries: attention is then restricted to
+each sub-sequence), ``packed_seq_params`` and ``neftune`` (the NEFTune noise context of the microbatch).
+
+A packed microbatch takes one of two routes, chosen by the model's layer spec (:func:`uses_thd`):
+Transformer Engine gets megatron-core's THD route (:func:`clinmega.training.data.thd_batch`:
+``PackedSeqParams``, no mask; TE's causal attention ignores a dense mask, so a block mask would
+silently attend across samples), the local spec gets the dense block-causal mask. Every pipeline
+stage builds its own parameters from the microbatch (each stage's iterator yields it), so middle
+stages get them too.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from clinmega.models.dist_ckpt import unwrap
 from clinmega.runtime import device
-from clinmega.training.data import packed_attention_mask
+from clinmega.training.data import packed_attention_mask, thd_alignment, thd_batch
 from clinmega.training.neftune import NEFTune
 
 
@@ -60,20 +67,58 @@ def attention_mask(batch: dict, model: torch.nn.Module) -> torch.Tensor | None:
     if batch.get("attention_mask") is not None or "cu_seqlens" not in batch:
         return batch.get("attention_mask")
     window = unwrap(model).config.window_size
+    if window is not None:
+        from clinmega.runtime.cpu_compat import window_keeps_explicit_mask
+
+        if not window_keeps_explicit_mask():
+            raise RuntimeError(
+                "packed batches on megatron-core's local attention with a sliding window: its "
+                "softmax replaces the block mask by the window mask (samples would attend across "
+                "each other); use runtime.transformer_impl=transformer_engine (the THD route) on GPU")
     return packed_attention_mask(batch["cu_seqlens"], batch["tokens"].shape[1],
                                  window[0] + 1 if window else None)
 
 
+def uses_thd(batch: dict, model: torch.nn.Module) -> bool:
+    """True when the packed ``batch`` must take the THD route: it has ``cu_seqlens``, no explicit
+    mask, and the model's layers are Transformer Engine's."""
+    return ("cu_seqlens" in batch and batch.get("attention_mask") is None
+            and batch.get("packed_seq_params") is None
+            and unwrap(model).config.transformer_impl == "transformer_engine")
+
+
+def model_inputs(batch: dict, model: torch.nn.Module) -> tuple[dict, torch.Tensor | None]:
+    """(the microbatch as the model takes it, its attention mask): THD on Transformer Engine,
+    the block mask on the local spec (see the module doc)."""
+    if uses_thd(batch, model):
+        config = unwrap(model).config
+        multiple = thd_alignment(config.tensor_model_parallel_size, config.sequence_parallel,
+                                 config.context_parallel_size, bool(config.fp8))
+        return thd_batch(batch, multiple), None
+    return batch, attention_mask(batch, model)
+
+
 def forward_step(data_iterator, model):
-    batch = next(data_iterator)
+    batch, mask = model_inputs(next(data_iterator), model)
     dev = device()
-    mask = attention_mask(batch, model)
     moved = {k: (v.to(dev, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+    packed = moved.get("packed_seq_params")
+    if packed is not None:
+        packed = _packed_to(packed, dev)
     NEFTune.set_context(model, batch.get("neftune"))
     output = model(moved["tokens"], moved["position_ids"],
                    mask.to(dev, non_blocking=True) if mask is not None else None,
-                   labels=moved["labels"], packed_seq_params=moved.get("packed_seq_params"))
+                   labels=moved["labels"], packed_seq_params=packed)
     return output, partial(lm_loss, moved["loss_mask"])
+
+
+def _packed_to(params, dev: torch.device):
+    """PackedSeqParams with its tensors on ``dev`` (TE reads cu_seqlens on the GPU)."""
+    import dataclasses
+
+    moved = {f.name: getattr(params, f.name) for f in dataclasses.fields(params)
+             if f.init and torch.is_tensor(getattr(params, f.name))}
+    return dataclasses.replace(params, **{k: v.to(dev, non_blocking=True) for k, v in moved.items()})
 
 
 def forward_backward(model: Sequence[torch.nn.Module], microbatches: Sequence[dict],
