@@ -174,7 +174,10 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, parallel: ParallelConfig 
     cfg = hf_model_config(hf_dir)
     try:
         check_layout(cfg, parallel)
-        impl = resolve_transformer_impl(transformer_impl)
+        # Only the checkpoint key names depend on the implementation (the local spec is built
+        # either way), so TE-keyed checkpoints are written on machines without TE.
+        impl = (resolve_transformer_impl(transformer_impl) if transformer_impl == "auto"
+                else transformer_impl)
     except ConfigError as err:
         raise ConversionError(f"{hf_dir}: {err}") from None
     reader = HFReader(hf_dir, allow_pickle=allow_pickle)

@@ -34,6 +34,7 @@ from typing import Sequence
 import torch
 
 from clinmega.config.schema import ModelConfig
+from clinmega.models.spec import CHECKPOINT_KEY_DIFFERENCES
 
 GLOBAL, LAYER, EXPERT = 0, 1, 2  # leading stacked axes of the checkpoint tensor
 _LAYERS = "decoder.layers.{layer}."
@@ -168,7 +169,7 @@ def _moe_mlp(cfg: ModelConfig) -> list[Mapping]:
         # The local spec maps pre_mlp_layernorm onto the dense TE name even for MoE layers.
         Direct("decoder.layers.mlp.linear_fc1.layer_norm_weight",
                (_HF_LAYERS + "post_attention_layernorm.weight",), ((h,),),
-               te_key="decoder.layers.pre_mlp_layernorm.weight",
+               te_key=CHECKPOINT_KEY_DIFFERENCES["decoder.layers.mlp.linear_fc1.layer_norm_weight"],
                params=(_LAYERS + "pre_mlp_layernorm.weight",)),
         Direct("decoder.layers.mlp.router.weight", (moe + "gate.weight",),
                ((cfg.num_experts, h),), params=(_LAYERS + "mlp.router.weight",)),

@@ -3,16 +3,91 @@
 A checkpoint holds the *global* tensors under their sharded keys, so one saved at one TP/PP/EP
 layout loads at any other (dist_checkpointing reshards). Multiple model chunks (virtual pipeline)
 are stored as ``model0``, ``model1``, ... like Megatron-LM; a single chunk as ``model``.
+
+Every load goes through one policy (:func:`check_load_keys`, used here, by training resume and by
+the eval Megatron backend): Transformer Engine modules carry ``_extra_state`` (FP8 metadata) that
+megatron-core does not always save and the local spec never has, so exactly the ``*._extra_state``
+entries may be absent on either side; any other missing or unexpected key is an error naming it.
+Keys that differ between the TE and the local spec's checkpoints
+(:data:`clinmega.models.spec.CHECKPOINT_KEY_DIFFERENCES`) are renamed to what the checkpoint holds,
+so a checkpoint written under either spec loads under the other.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Sequence
 
 import torch
 from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.mapping import ShardedTensor
 from megatron.core.dist_checkpointing.validation import StrictHandling
+
+from clinmega.models.spec import checkpoint_key_alternative
+
+EXTRA_STATE = "_extra_state"
+
+
+class CheckpointKeyError(KeyError):
+    """A load found keys missing or unexpected beyond the tolerated ``_extra_state`` entries."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def is_extra_state(key: str) -> bool:
+    """Whether ``key`` is a Transformer Engine ``_extra_state`` entry (module state or sharded key)."""
+    return key.rsplit(".", 1)[-1] == EXTRA_STATE
+
+
+def check_load_keys(missing, unexpected, where: str) -> None:
+    """The one strict-load policy: raise :class:`CheckpointKeyError` naming every missing or
+    unexpected key except ``*._extra_state`` ones (see the module doc)."""
+    missing = sorted(k for k in missing if not is_extra_state(k))
+    unexpected = sorted(k for k in unexpected if not is_extra_state(k))
+    if missing or unexpected:
+        parts = ([f"missing {', '.join(map(repr, missing))}"] if missing else []) + (
+            [f"unexpected {', '.join(map(repr, unexpected))}"] if unexpected else [])
+        raise CheckpointKeyError(f"{where}: {'; '.join(parts)}")
+
+
+def load_module_state(module: torch.nn.Module, state: dict, where: str, strict: bool = True) -> None:
+    """``module.load_state_dict(state)`` under :func:`check_load_keys` when ``strict``."""
+    result = module.load_state_dict(state, strict=False)
+    if strict:
+        check_load_keys(result.missing_keys, result.unexpected_keys, where)
+
+
+def remap_to_checkpoint(sharded: dict, checkpoint_keys: set[str]) -> list[tuple[str, str]]:
+    """Rename the sharded tensors of ``sharded`` whose key the checkpoint lacks but holds under the
+    other spec's name; returns the (requested, stored) pairs renamed."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+
+    renamed = []
+    for sh in nested_values(sharded):
+        if isinstance(sh, ShardedTensor) and sh.key not in checkpoint_keys:
+            other = checkpoint_key_alternative(sh.key)
+            if other is not None and other in checkpoint_keys:
+                renamed.append((sh.key, other))
+                sh.key = other
+    return renamed
+
+
+def load_sharded(sharded: dict, directory: str | Path, strict: bool = True) -> dict:
+    """``dist_checkpointing.load`` under the policy: the model entries (``model``, ``model{i}``)
+    get their spec-dependent keys renamed to the checkpoint's; with ``strict`` a requested entry
+    the checkpoint lacks is an error unless it is ``_extra_state`` (it is then left out)."""
+    stored = set(dist_checkpointing.load_tensors_metadata(str(directory)))
+    for key, value in sharded.items():
+        if re.fullmatch(r"model\d*", key):
+            remap_to_checkpoint(value, stored)
+    handling = StrictHandling.RETURN_UNEXPECTED if strict else StrictHandling.LOG_UNEXPECTED
+    loaded = dist_checkpointing.load(sharded, str(directory), strict=handling)
+    if isinstance(loaded, tuple):
+        loaded, _, absent = loaded
+        check_load_keys(absent, (), f"{directory}: checkpoint")
+    return loaded
 
 
 def unwrap(module: torch.nn.Module) -> torch.nn.Module:
@@ -41,14 +116,18 @@ def load_model_weights(chunks: Sequence[torch.nn.Module], directory: str | Path,
 
     The checkpoint may hold more than the weights (a training checkpoint's optimizer, scheduler and
     RNG states): those are ignored. With ``strict``, a model tensor absent from the checkpoint is an
-    error (megatron-core calls it an "unexpected" key), as is a missing one in ``load_state_dict``.
+    error (megatron-core calls it an "unexpected" key), as is a missing one in ``load_state_dict``,
+    except Transformer Engine's ``_extra_state`` (see the module doc).
     """
     sharded = model_sharded_state_dict(chunks)
-    handling = StrictHandling.RAISE_UNEXPECTED if strict else StrictHandling.LOG_UNEXPECTED
-    loaded = dist_checkpointing.load(sharded, str(directory), strict=handling)
-    if isinstance(loaded, tuple):
-        loaded = loaded[0]
+    loaded = load_sharded(sharded, directory, strict)
+    load_chunk_states(chunks, loaded, directory, strict)
+
+
+def load_chunk_states(chunks: Sequence[torch.nn.Module], loaded: dict, directory: str | Path,
+                      strict: bool = True) -> None:
+    """Put the ``model``/``model{i}`` entries of a loaded checkpoint into the chunks (policy above)."""
     models = [unwrap(c) for c in chunks]
     keys = ["model"] if len(models) == 1 else [f"model{i}" for i in range(len(models))]
     for key, model in zip(keys, models):
-        model.load_state_dict(loaded[key], strict=strict)
+        load_module_state(model, loaded[key], f"{directory}: {key}", strict)

@@ -20,8 +20,11 @@ plus ``embedding.word_embeddings.weight``, ``decoder.final_layernorm.weight``,
 ``output_layer.weight``. Distributed checkpoints of dense models use the TE names for both (the local
 spec's ``sharded_state_dict_keys_map``), so they move between implementations. For MoE layers that map
 still renames the local ``pre_mlp_layernorm`` to ``mlp.linear_fc1.layer_norm_weight`` while TE saves
-``pre_mlp_layernorm.weight``: a Mixtral checkpoint saved with one implementation does not load strictly
-into the other (megatron-core 0.19 behaviour); ``export-hf`` reads either key.
+``pre_mlp_layernorm.weight`` (megatron-core 0.19 behaviour). :data:`CHECKPOINT_KEY_DIFFERENCES` is the
+one table of such checkpoint keys; loads (:mod:`clinmega.models.dist_ckpt`) rename a requested key to
+its other-spec name when only that one is stored, ``import-hf --transformer-impl`` writes either
+(without importing TE) and ``export-hf`` reads either. TE modules also carry ``_extra_state`` entries
+the local spec has not; the load policy tolerates exactly those.
 """
 
 from __future__ import annotations
@@ -34,6 +37,23 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from clinmega.config.errors import ConfigError
+
+
+# checkpoint key the local spec saves -> the key the TE spec saves for the same tensor, where they
+# differ (sharded keys: layers stacked under ``decoder.layers.``). Only MoE layers differ.
+CHECKPOINT_KEY_DIFFERENCES = {
+    "decoder.layers.mlp.linear_fc1.layer_norm_weight": "decoder.layers.pre_mlp_layernorm.weight",
+}
+
+
+def checkpoint_key_alternative(key: str) -> str | None:
+    """The other spec's checkpoint key for ``key`` (either direction), or None."""
+    if key in CHECKPOINT_KEY_DIFFERENCES:
+        return CHECKPOINT_KEY_DIFFERENCES[key]
+    for local, te in CHECKPOINT_KEY_DIFFERENCES.items():
+        if key == te:
+            return local
+    return None
 
 
 @functools.cache

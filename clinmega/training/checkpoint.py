@@ -36,7 +36,7 @@ from megatron.core import parallel_state as ps
 from megatron.core import tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-from clinmega.models.dist_ckpt import model_sharded_state_dict, unwrap
+from clinmega.models.dist_ckpt import load_chunk_states, load_sharded, model_sharded_state_dict
 
 log = logging.getLogger(__name__)
 LATEST = "latest"
@@ -199,11 +199,8 @@ class Checkpointer:
         same_layout = saved_layout == _layout()
         if not same_layout:  # RNG states are per (pp, tp) rank: only meaningful at that layout
             sharded.pop("rng_state")
-        loaded = dist_checkpointing.load(sharded, str(directory))
-        models = [unwrap(c) for c in chunks]
-        keys = ["model"] if len(models) == 1 else [f"model{i}" for i in range(len(models))]
-        for key, model in zip(keys, models):
-            model.load_state_dict(loaded[key])
+        loaded = load_sharded(sharded, directory)
+        load_chunk_states(chunks, loaded, directory)
         if optimizer is not None:
             optimizer.load_state_dict(loaded["optimizer"])
         if same_layout:
