@@ -52,23 +52,33 @@ def train_partial(recipe: str, overrides: Sequence[str] = ()) -> run.Partial:
     return run.Partial(run_verb, verb="train", args=[recipe, *overrides])
 
 
+# Every job's environment: megatron-core's tensor/sequence-parallel communication overlap needs
+# kernels in issue order (the same default as containers/slurm and containers/Dockerfile).
+LAUNCH_ENV = {"CUDA_DEVICE_MAX_CONNECTIONS": "1"}
+
+
 def local_executor(nproc_per_node: int = 1) -> run.LocalExecutor:
     """This machine; several processes go through NeMo-Run's Torchrun launcher."""
     if nproc_per_node > 1:
-        return run.LocalExecutor(ntasks_per_node=nproc_per_node, launcher="torchrun")
-    return run.LocalExecutor()
+        return run.LocalExecutor(ntasks_per_node=nproc_per_node, launcher="torchrun",
+                                 env_vars=dict(LAUNCH_ENV))
+    return run.LocalExecutor(env_vars=dict(LAUNCH_ENV))
 
 
-def slurm_executor(account: str, partition: str, nodes: int = 1, gpus_per_node: int = 8,
-                   container_image: str = "nvcr.io/nvidia/pytorch:25.10-py3",
-                   container_mounts: Optional[list[str]] = None, time: str = "04:00:00",
-                   job_dir: str = "nemo_run_jobs") -> run.SlurmExecutor:
-    """Slurm + pyxis: one task per GPU launched by srun inside the container."""
+def slurm_executor(account: str, partition: str, container_image: str, nodes: int = 1,
+                   gpus_per_node: int = 8, container_mounts: Optional[list[str]] = None,
+                   time: str = "04:00:00", job_dir: str = "nemo_run_jobs") -> run.SlurmExecutor:
+    """Slurm + pyxis: one task per GPU launched by srun inside ``container_image``, the image
+    built from ``containers/Dockerfile`` (e.g. its enroot ``.sqsh``; the bare NGC PyTorch image
+    has neither megatron-core nor clinmega)."""
+    if not container_image:
+        raise ValueError("slurm_executor: container_image must be the clinmega image built from "
+                         "containers/Dockerfile (e.g. /shared/clinmega.sqsh)")
     return run.SlurmExecutor(
         account=account, partition=partition, nodes=nodes, ntasks_per_node=gpus_per_node,
         gpus_per_node=gpus_per_node, container_image=container_image,
         container_mounts=container_mounts or [], time=time, exclusive=True,
-        tunnel=run.LocalTunnel(job_dir=job_dir))
+        env_vars=dict(LAUNCH_ENV), tunnel=run.LocalTunnel(job_dir=job_dir))
 
 
 @run.cli.entrypoint(namespace="clinmega", help="clinmega train RECIPE [overrides]")

@@ -9,6 +9,9 @@ One function per step, used by every stage (training, conversion, evaluation):
 
 from __future__ import annotations
 
+import functools
+import logging
+
 import torch
 import torch.nn.functional as F
 from megatron.core.models.gpt import GPTModel
@@ -18,7 +21,22 @@ from clinmega.config.errors import ConfigError
 from clinmega.config.schema import ModelConfig, ParallelConfig, PrecisionConfig, RuntimeConfig
 from clinmega.models.spec import decoder_block_spec, resolve_transformer_impl
 
+log = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@functools.cache
+def fused_wgrad_available() -> bool:
+    """Whether megatron-core's ``gradient_accumulation_fusion`` kernel imports: apex's
+    ``fused_weight_gradient_mlp_cuda``, the flag ``tensor_parallel.layers`` itself checks (its
+    ColumnParallelLinear, the LM head under either spec, raises at build time when the fusion is
+    on without it; TE's own linears do not need apex). Logged once either way."""
+    from megatron.core.tensor_parallel import layers
+
+    found = bool(layers._grad_accum_fusion_available)
+    log.info("gradient_accumulation_fusion: %s", "on (apex fused_weight_gradient_mlp_cuda)" if found
+             else "off (apex's fused_weight_gradient_mlp_cuda does not import)")
+    return found
 
 
 def check_layout(model: ModelConfig, parallel: ParallelConfig) -> None:
@@ -102,7 +120,7 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, precision: 
         bias_dropout_fusion=on_gpu,
         masked_softmax_fusion=on_gpu and te,
         apply_rope_fusion=te,
-        gradient_accumulation_fusion=te,
+        gradient_accumulation_fusion=fused_wgrad_available() if on_gpu else False,
         persist_layer_norm=False,
         # Interleaved (virtual) pipelining batches isend/irecv with the same peer (PP=2: prev ==
         # next); gloo matches those by posting order and swapped activations with gradients of

@@ -81,6 +81,18 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
+def bind_device(local_rank: int, device_count: int | None = None) -> int:
+    """The GPU index this rank uses: ``local_rank % device_count``. Under torchrun every process
+    sees all GPUs of the node (index = local rank); under Slurm ``--gpus-per-task`` /
+    ``--gpu-bind`` each task sees only its own (index 0), where ``set_device(local_rank)`` would
+    fail. Raises when no GPU is visible."""
+    count = torch.cuda.device_count() if device_count is None else device_count
+    if count < 1:
+        raise ConfigError("runtime.backend: 'nccl' but this process sees no GPU "
+                          "(check CUDA_VISIBLE_DEVICES and the Slurm --gpus options)")
+    return local_rank % count
+
+
 def init_process_group(runtime: RuntimeConfig, world: WorldInfo | None = None) -> WorldInfo:
     """Initialise torch.distributed once (idempotent); returns the world it joined."""
     world = world or detect_world()
@@ -89,7 +101,7 @@ def init_process_group(runtime: RuntimeConfig, world: WorldInfo | None = None) -
                          world.master_addr, world.master_port, world.launcher)
     backend = resolve_backend(runtime)
     if backend == "nccl":
-        torch.cuda.set_device(world.local_rank)
+        torch.cuda.set_device(bind_device(world.local_rank))
     else:
         cpu_compat.apply()
     dist.init_process_group(

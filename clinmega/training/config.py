@@ -90,6 +90,11 @@ class TrainConfig:
     adam_eps: float = 1e-8
     clip_grad: float = 1.0
     use_distributed_optimizer: bool = True
+    # Overlap the DP gradient reduce-scatter with backward / the parameter all-gather with the
+    # next forward (megatron DDP buckets). None: on when CUDA is present and the distributed
+    # optimizer is used (param gather needs it), off on CPU.
+    overlap_grad_reduce: Optional[bool] = None
+    overlap_param_gather: Optional[bool] = None
     recompute_granularity: Optional[str] = None   # None | selective | full
     recompute_method: Optional[str] = None        # full only: uniform | block
     recompute_num_layers: Optional[int] = None
@@ -194,6 +199,14 @@ class ExperimentConfig:
         if self.parallel.context_parallel > 1:
             raise ConfigError("parallel.context_parallel: the training loop does not split batches "
                               "for context parallelism yet; set it to 1")
+        if self.precision.fp8_param_gather and not (self.precision.fp8
+                                                    and self.train.use_distributed_optimizer):
+            raise ConfigError("precision.fp8_param_gather: keeps the weights in FP8 and all-gathers "
+                              "them in FP8, which needs precision.fp8 set and "
+                              "train.use_distributed_optimizer=true (its fp32 main weights are what "
+                              "the optimizer updates)")
+        if self.train.overlap_param_gather and not self.train.use_distributed_optimizer:
+            raise ConfigError("train.overlap_param_gather: needs train.use_distributed_optimizer=true")
         if self.train.seq_length > self.model.max_position_embeddings:
             raise ConfigError(f"train.seq_length: {self.train.seq_length} > "
                               f"model.max_position_embeddings={self.model.max_position_embeddings}")

@@ -38,7 +38,7 @@ from clinmega.training.optimizer import (
     current_lr,
     schedule_signature,
 )
-from clinmega.training.step import forward_backward, wrap_ddp
+from clinmega.training.step import forward_backward, sync_params, wire_optimizer, wrap_ddp
 
 
 class NonFiniteLossError(RuntimeError):
@@ -125,10 +125,20 @@ def moe_aux_loss(cfg: ExperimentConfig, num_chunks: int) -> float | None:
     return None if value is None else float(value)
 
 
-def _ddp_config(cfg: ExperimentConfig) -> DistributedDataParallelConfig:
+def _ddp_config(cfg: ExperimentConfig, cuda: bool | None = None) -> DistributedDataParallelConfig:
+    """Megatron DDP settings: fp32 gradient reduction; the overlaps on by default on CUDA with the
+    distributed optimizer (``train.overlap_*`` decide when set); FP8 parameter all-gather with
+    ``precision.fp8_param_gather`` (TransformerConfig.fp8_param and the optimizer's fp8_recipe are
+    set from the same flag)."""
+    t = cfg.train
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    default = cuda and t.use_distributed_optimizer
+    grad = default if t.overlap_grad_reduce is None else t.overlap_grad_reduce
+    param = default if t.overlap_param_gather is None else t.overlap_param_gather
     return DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, use_distributed_optimizer=cfg.train.use_distributed_optimizer,
-        overlap_grad_reduce=False, check_for_nan_in_grad=False)
+        grad_reduce_in_fp32=True, use_distributed_optimizer=t.use_distributed_optimizer,
+        overlap_grad_reduce=grad or param, overlap_param_gather=param,
+        fp8_param_gather=cfg.precision.fp8_param_gather, check_for_nan_in_grad=False)
 
 
 def _packed_overrides(cfg: ExperimentConfig) -> dict:
@@ -163,6 +173,7 @@ def build_trainer(cfg: ExperimentConfig) -> Trainer:
         neftune = NEFTune(train.neftune_alpha, cfg.model.hidden_size, cfg.runtime.seed)
         neftune.attach(model)
     optimizer = build_optimizer(train, cfg.precision, model)
+    wire_optimizer(model, optimizer)
     train_src, valid_src = build_sources(cfg)
     sampler = GlobalBatchSampler(train_src, train.global_batch_size, train.micro_batch_size,
                                  cfg.data.seed, cfg.data.shuffle)
@@ -214,6 +225,7 @@ def run_steps(trainer: Trainer, logger: MetricsLogger, stop: TerminationFlag) ->
             logger.log(state.step, val_loss=trainer.evaluate(state.step))
         terminated = stop.should_stop()
         if last or terminated or (t.save_interval and state.step % t.save_interval == 0):
+            sync_params(trainer.model)
             trainer.checkpointer.save(state.step, trainer.model, trainer.optimizer,
                                       trainer.scheduler, state)
         trainer.checkpointer.finalize()

@@ -27,7 +27,10 @@ def optimizer_config(train: TrainConfig, precision: PrecisionConfig) -> Optimize
         clip_grad=train.clip_grad, bf16=precision.dtype == "bf16", fp16=precision.dtype == "fp16",
         params_dtype={"fp32": torch.float32, "bf16": torch.bfloat16,
                       "fp16": torch.float16}[precision.dtype],
-        use_distributed_optimizer=train.use_distributed_optimizer)
+        use_distributed_optimizer=train.use_distributed_optimizer,
+        # FP8 parameters (precision.fp8_param_gather): the distributed optimizer casts its fp32
+        # main weights back into the FP8 model weights by recipe (Megatron-LM sets the same).
+        fp8_recipe=precision.fp8_recipe if precision.fp8 else None)
 
 
 def build_optimizer(train: TrainConfig, precision: PrecisionConfig,

@@ -45,6 +45,32 @@ def wrap_ddp(chunks: Sequence[torch.nn.Module], ddp_config: DistributedDataParal
     return wrapped
 
 
+def wire_optimizer(model: Sequence[torch.nn.Module], optimizer) -> None:
+    """What Megatron-LM's ``train()`` sets on the model config once the optimizer exists: the loss
+    scaling the schedule applies before backward (``optimizer.scale_loss``: the fp16 dynamic
+    loss scale, 1 otherwise; without it fp16 gradients are unscaled by a scale never applied) and,
+    with ``overlap_grad_reduce``, the ``no_sync`` contexts that hold the gradient reduction back
+    until the last microbatch."""
+    config = unwrap(model[0]).config
+    config.grad_scale_func = optimizer.scale_loss
+    if _ddp_flag(model[0], "overlap_grad_reduce"):
+        no_sync = [chunk.no_sync for chunk in model]
+        config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
+
+
+def sync_params(model: Sequence[torch.nn.Module]) -> None:
+    """With ``overlap_param_gather`` the updated parameters are all-gathered lazily by the next
+    forward's hooks; finish that now (before a checkpoint is written), as Megatron-LM does."""
+    for chunk in model:
+        if _ddp_flag(chunk, "overlap_param_gather"):
+            chunk.start_param_sync(force_sync=True)
+
+
+def _ddp_flag(chunk: torch.nn.Module, name: str) -> bool:
+    config = getattr(chunk, "ddp_config", None)
+    return bool(config is not None and getattr(config, name))
+
+
 def lm_loss(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
     """Next-token loss of one microbatch as (sum over unmasked tokens, token count, report).
 

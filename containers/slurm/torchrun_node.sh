@@ -8,4 +8,6 @@ nproc=${NPROC_PER_NODE:-$(nvidia-smi --list-gpus 2>/dev/null | wc -l)}
 if [ "${nproc}" -lt 1 ]; then
     nproc=1
 fi
+# megatron-core's tensor/sequence-parallel communication overlap needs kernels in issue order.
+export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}
 exec torchrun --standalone --nproc-per-node="${nproc}" -m clinmega.cli train "${recipe}" "$@"
