@@ -10,6 +10,7 @@ TP/PP/VPP/CP/EP/ETP sizes and the model-parallel RNG is seeded.
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 import re
 import socket
@@ -21,6 +22,8 @@ import torch.distributed as dist
 from clinmega.config.errors import ConfigError
 from clinmega.config.schema import ParallelConfig, RuntimeConfig
 from clinmega.runtime import cpu_compat
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -126,6 +129,11 @@ def init_model_parallel(parallel: ParallelConfig, runtime: RuntimeConfig) -> Non
         raise ConfigError(
             f"parallel.expert_parallel: world size {world_size} is not divisible by "
             f"ETP*EP*PP = {etp}*{parallel.expert_parallel}*{parallel.pipeline_parallel}")
+    if (torch.cuda.is_available() and (parallel.tensor_parallel > 1 or parallel.sequence_parallel)
+            and os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS") != "1"):
+        log.warning("CUDA_DEVICE_MAX_CONNECTIONS is not 1: tensor/sequence-parallel communication "
+                    "will not overlap as megatron-core expects (the clinmega launchers and "
+                    "container set it; export it before the process starts)")
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
     ps.initialize_model_parallel(
