@@ -141,13 +141,28 @@ def stage_te_vs_local(work: Path) -> dict:
 
 
 def stage_train_resume_te(work: Path) -> dict:
-    common = [TE, "precision.dtype=bf16", "data.synthetic_packed=true", "train.decay_steps=6"]
-    full = _train(work / "full", *common, "train.steps=6", "train.save_interval=3")
-    _train(work / "split", *common, "train.steps=3", "train.save_interval=3")
-    split = _train(work / "split", *common, "train.steps=6", "train.save_interval=3")
+    """The same config twice in one folder: the first run is stopped after step 3 the way SIGTERM
+    stops it (save, exit), the second resumes from that checkpoint to step 6."""
+    from clinmega.training import loop
+
+    common = [TE, "precision.dtype=bf16", "data.synthetic_packed=true", "train.steps=6",
+              "train.decay_steps=6", "train.save_interval=0"]
+    full = _train(work / "full", *common)
+    real, calls = loop.TerminationFlag.should_stop, {"n": 0}
+
+    def stop_after_3(self):
+        calls["n"] += 1
+        return calls["n"] == 3 or real(self)
+
+    loop.TerminationFlag.should_stop = stop_after_3
+    try:
+        _train(work / "split", *common)
+    finally:
+        loop.TerminationFlag.should_stop = real
+    split = _train(work / "split", *common)
     diff = max(abs(full[s] - split[s]) for s in (4, 5, 6))
-    return dict(ok=_finite(full) and diff <= 1e-3 * abs(full[6]), full=full, resumed=split,
-                max_diff_after_resume=diff)
+    return dict(ok=_finite(full) and diff <= 1e-3 * abs(full[6]) and full[6] < full[1],
+                full=full, resumed=split, max_diff_after_resume=diff)
 
 
 def _fp8(work: Path, recipe: str) -> dict:

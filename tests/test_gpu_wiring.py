@@ -130,3 +130,15 @@ def test_launchers_set_cuda_device_max_connections_and_require_the_clinmega_imag
                           env={"PATH": "/usr/bin:/bin", "RECIPE": "r.yaml"}, capture_output=True,
                           text=True, timeout=30)
     assert proc.returncode != 0 and "containers/Dockerfile" in proc.stderr
+
+
+def test_gpu_check_has_every_stage_the_issue_lists():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "benchmarks" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert list(module.STAGES) == ["te_vs_local", "train_resume_te", "fp8_delayed", "fp8_tensorwise",
+                                   "fp8_param_gather", "mixtral_grouped_fp8", "fp16",
+                                   "eval_megatron_vs_hf"]
+    assert module.no_gpu_reason() is not None  # this machine has no CUDA
