@@ -66,9 +66,8 @@ def padded(tmp_path_factory):
     hf = vc.make_padded_hf_model(root / "hf")
     import_hf(hf, root / "tp1", progress=False)
     cfg = hf_model_config(hf)
-    toks = cc.tokens(cfg.vocab_size)
-    toks[:, 5] = torch.arange(vc.VOCAB - 3, vc.VOCAB)[: toks.shape[0]]  # the added ids too
-    return root, cfg, toks, cc.hf_logits(hf, toks), hf_loss(hf, toks)
+    toks, loss_toks = vc.sample_tokens(), vc.sample_tokens(vc.LOSS_SEQ)
+    return root, cfg, toks, cc.hf_logits(hf, toks), (loss_toks, hf_loss(hf, loss_toks))
 
 
 @pytest.mark.parametrize("vocab", [1, 127, 32000, 32003, 32768, 50257, 128256, 151665])
@@ -100,7 +99,7 @@ def test_mask_padded_logits_per_shard():
 
 
 def test_padded_import_logits_loss_and_gradients_at_tp1(padded):
-    root, cfg, toks, reference, reference_loss = padded
+    root, cfg, toks, reference, (loss_toks, reference_loss) = padded
     stored = DistCheckpointReader(root / "tp1")
     for key in ("embedding.word_embeddings.weight", "output_layer.weight"):
         assert stored.shape(key) == (32128, cfg.hidden_size)  # 32003 -> a multiple of 128
@@ -112,13 +111,14 @@ def test_padded_import_logits_loss_and_gradients_at_tp1(padded):
     init_model_parallel(ParallelConfig(), RuntimeConfig())
     logits = cc.megatron_logits(cfg, ParallelConfig(), root / "tp1", toks)
     assert logits.shape == reference.shape and (logits - reference).abs().max().item() <= TOL
-    assert abs(vc.training_loss(cfg, ParallelConfig(), root / "tp1", toks) - reference_loss) <= TOL
+    loss = vc.training_loss(cfg, ParallelConfig(), root / "tp1", loss_toks)
+    assert abs(loss - reference_loss) <= TOL
     # The padded rows take no part: zero gradient for the output layer's and embedding's.
     [model] = build_model(cfg, ParallelConfig(), PrecisionConfig(dtype="fp32"), RuntimeConfig())
     load_model_weights([model], root / "tp1")
     with torch.no_grad():
         model.output_layer.weight[vc.VOCAB:] = torch.randn(32128 - vc.VOCAB, cfg.hidden_size)
-    batch = vc.lm_batch(toks)
+    batch = vc.lm_batch(loss_toks)
     loss = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"]).mean()
     assert abs(loss.item() - reference_loss) <= TOL  # whatever the padded rows hold
     loss.backward()
@@ -140,7 +140,7 @@ def test_padded_vocabulary_on_two_ranks(padded, tmp_path):
     TP1 and exported bit-exact, and the Megatron eval backend at TP2 against the HF backend."""
     from clinmega.evaluation.backends.hf import HFBackend
 
-    root, cfg, toks, reference, reference_loss = padded
+    root, cfg, toks, reference, (_, reference_loss) = padded
     ranks = run_local_group(vc.padded_cases, 2, (str(root),))
     got = ranks[0]
     for name in ("tp2", "tp2_sp", "pp2"):

@@ -30,6 +30,16 @@ def make_padded_hf_model(folder: str | Path) -> Path:
     return folder
 
 
+def sample_tokens(seq: int = cc.TOKENS_SEQ) -> torch.Tensor:
+    """Random ids including the three added ones."""
+    toks = cc.tokens(VOCAB, seq=seq)
+    toks[:, 5] = torch.arange(VOCAB - 3, VOCAB)[: toks.shape[0]]
+    return toks
+
+
+LOSS_SEQ = cc.TOKENS_SEQ + 1  # inputs of TOKENS_SEQ tokens: sequence parallelism splits them in 2
+
+
 def lm_batch(toks: torch.Tensor) -> dict:
     """One microbatch predicting ``toks[:, 1:]`` from ``toks[:, :-1]`` (what HF's ``labels=toks``
     loss averages over)."""
@@ -70,14 +80,14 @@ def padded_cases(root: str) -> dict:
     root = Path(root)
     hf = root / "hf"
     cfg = hf_model_config(hf)
-    toks = cc.tokens(cfg.vocab_size)
+    toks, loss_toks = sample_tokens(), sample_tokens(LOSS_SEQ)
     out = {}
     for name, fields in {"tp2": dict(tensor_parallel=2), "pp2": dict(pipeline_parallel=2),
                          "tp2_sp": dict(tensor_parallel=2, sequence_parallel=True)}.items():
         parallel = ParallelConfig(**fields)
         init_model_parallel(parallel, RuntimeConfig())
         out[f"logits/{name}"] = cc.megatron_logits(cfg, parallel, root / "tp1", toks)
-        out[f"loss/{name}"] = training_loss(cfg, parallel, root / "tp1", toks)
+        out[f"loss/{name}"] = training_loss(cfg, parallel, root / "tp1", loss_toks)
     import_hf(hf, root / "import2_tp2", ParallelConfig(tensor_parallel=2), progress=False)
     init_model_parallel(ParallelConfig(), RuntimeConfig())
     out["logits/import2_tp2_at_tp1"] = cc.megatron_logits(cfg, ParallelConfig(),
