@@ -45,6 +45,24 @@ def make_hf_model(kind: str, folder: str | Path, seed: int = 0, dtype=torch.floa
     return folder
 
 
+def read_all(folder: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a HF folder's safetensors files, read by safetensors itself."""
+    from safetensors import safe_open
+
+    out = {}
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(file, framework="pt") as f:
+            out.update({k: f.get_tensor(k) for k in f.keys()})
+    return out
+
+
+def assert_bit_exact(source, exported) -> None:
+    a, b = read_all(source), read_all(exported)
+    assert sorted(a) == sorted(b)
+    for name in a:
+        assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), name
+
+
 def tokens(vocab: int, batch: int = 2, seq: int = TOKENS_SEQ) -> torch.Tensor:
     return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(1))
 

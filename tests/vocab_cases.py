@@ -37,7 +37,7 @@ def sample_tokens(seq: int = cc.TOKENS_SEQ) -> torch.Tensor:
     return toks
 
 
-LOSS_SEQ = cc.TOKENS_SEQ + 1  # inputs of TOKENS_SEQ tokens: sequence parallelism splits them in 2
+LOSS_SEQ = cc.TOKENS_SEQ + 1  # inputs of TOKENS_SEQ tokens (a length sequence parallelism splits)
 
 
 def lm_batch(toks: torch.Tensor) -> dict:
@@ -82,8 +82,7 @@ def padded_cases(root: str) -> dict:
     cfg = hf_model_config(hf)
     toks, loss_toks = sample_tokens(), sample_tokens(LOSS_SEQ)
     out = {}
-    for name, fields in {"tp2": dict(tensor_parallel=2), "pp2": dict(pipeline_parallel=2),
-                         "tp2_sp": dict(tensor_parallel=2, sequence_parallel=True)}.items():
+    for name, fields in {"tp2": dict(tensor_parallel=2), "pp2": dict(pipeline_parallel=2)}.items():
         parallel = ParallelConfig(**fields)
         init_model_parallel(parallel, RuntimeConfig())
         out[f"logits/{name}"] = cc.megatron_logits(cfg, parallel, root / "tp1", toks)
