@@ -22,12 +22,13 @@ TOKENIZER = Path(__import__("mistral_common").__file__).parent / "data" / "token
 
 
 def make_hf_model(kind: str, folder: str | Path, seed: int = 0, dtype=torch.float32,
-                  max_shard_size: str | None = None) -> Path:
-    """Save a tiny random HF model of ``kind`` (norm weights randomised too) to ``folder``."""
+                  max_shard_size: str | None = None, **config) -> Path:
+    """Save a tiny random HF model of ``kind`` (norm weights randomised too) to ``folder``;
+    ``config`` overrides config fields (e.g. ``vocab_size``)."""
     from transformers import MistralConfig, MistralForCausalLM, MixtralConfig, MixtralForCausalLM
 
     torch.manual_seed(seed)
-    fields = {**HF_SHAPES, **KINDS[kind]}
+    fields = {**HF_SHAPES, **KINDS[kind], **config}
     if kind == "mixtral":
         model = MixtralForCausalLM(MixtralConfig(**fields))
     else:
@@ -42,6 +43,24 @@ def make_hf_model(kind: str, folder: str | Path, seed: int = 0, dtype=torch.floa
     model.save_pretrained(folder, **kwargs)
     (folder / "tokenizer.model").write_bytes(TOKENIZER.read_bytes())
     return folder
+
+
+def read_all(folder: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a HF folder's safetensors files, read by safetensors itself."""
+    from safetensors import safe_open
+
+    out = {}
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(file, framework="pt") as f:
+            out.update({k: f.get_tensor(k) for k in f.keys()})
+    return out
+
+
+def assert_bit_exact(source, exported) -> None:
+    a, b = read_all(source), read_all(exported)
+    assert sorted(a) == sorted(b)
+    for name in a:
+        assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), name
 
 
 def tokens(vocab: int, batch: int = 2, seq: int = TOKENS_SEQ) -> torch.Tensor:
@@ -60,7 +79,8 @@ def hf_logits(folder: str | Path, toks: torch.Tensor) -> torch.Tensor:
 def megatron_logits(model_cfg, parallel, ckpt: str | Path, toks: torch.Tensor) -> torch.Tensor:
     """fp32 logits [b, s, v] of checkpoint ``ckpt`` loaded at ``parallel`` (parallel state already
     initialised for it), on every rank: the last pipeline stage has them (vocab-parallel, gathered
-    across TP) and broadcasts them to the other stages."""
+    across TP, cut to the real vocabulary: padded ids dropped) and broadcasts them to the other
+    stages."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
@@ -68,6 +88,7 @@ def megatron_logits(model_cfg, parallel, ckpt: str | Path, toks: torch.Tensor) -
     from clinmega.config import PrecisionConfig, RuntimeConfig
     from clinmega.models import build_model
     from clinmega.models.dist_ckpt import load_model_weights
+    from clinmega.models.vocab import real_vocab_logits
 
     (model,) = build_model(model_cfg, parallel, PrecisionConfig(dtype="fp32"), RuntimeConfig())
     load_model_weights([model], ckpt)
@@ -83,7 +104,8 @@ def megatron_logits(model_cfg, parallel, ckpt: str | Path, toks: torch.Tensor) -
             dist.send(out.contiguous(), ps.get_pipeline_model_parallel_next_rank())
             out = torch.empty(*toks.shape, model_cfg.vocab_size)
         else:
-            out = gather_from_tensor_model_parallel_region(out).contiguous()
+            out = real_vocab_logits(model, gather_from_tensor_model_parallel_region(out))
+            out = out.contiguous()
     if ps.get_pipeline_model_parallel_world_size() > 1:
         dist.broadcast(out, ps.get_pipeline_model_parallel_last_rank(),
                        group=ps.get_pipeline_model_parallel_group())

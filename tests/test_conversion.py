@@ -8,9 +8,9 @@ import json
 
 import pytest
 import torch
-from safetensors import safe_open
 
 import conversion_cases as cc
+from conversion_cases import assert_bit_exact, read_all
 from clinmega.config import ParallelConfig, RuntimeConfig
 from clinmega.conversion import export_hf, import_hf
 from clinmega.conversion.checkpoint_info import hf_model_config
@@ -20,22 +20,6 @@ from clinmega.runtime.local_group import run_local_group
 
 KINDS = list(cc.KINDS)
 TOL = 1e-5
-
-
-def read_all(folder) -> dict[str, torch.Tensor]:
-    folder = cc.Path(folder)
-    out = {}
-    for file in sorted(folder.glob("*.safetensors")):
-        with safe_open(file, framework="pt") as f:
-            out.update({k: f.get_tensor(k) for k in f.keys()})
-    return out
-
-
-def assert_bit_exact(source, exported) -> None:
-    a, b = read_all(source), read_all(exported)
-    assert sorted(a) == sorted(b)
-    for name in a:
-        assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), name
 
 
 @pytest.fixture(scope="module")

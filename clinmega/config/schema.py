@@ -56,10 +56,14 @@ class ModelConfig:
     num_experts: Optional[int] = None
     moe_router_topk: int = 2
     moe_aux_loss_coeff: float = 0.02
+    # The embedding and output layer get padded_vocab_size(tp) rows (Megatron-LM's rule); the
+    # padded ids are masked out of every softmax (clinmega.models.vocab). vocab_size stays the
+    # real vocabulary: what the tokenizer produces and what export writes.
+    make_vocab_size_divisible_by: int = 128
 
     def __post_init__(self):
         _choice("model", "arch", self.arch, ARCHS)
-        for key in ("vocab_size", "hidden_size", "ffn_hidden_size", "num_layers",
+        for key in ("vocab_size", "make_vocab_size_divisible_by", "hidden_size", "ffn_hidden_size", "num_layers",
                     "num_attention_heads", "num_query_groups", "head_dim",
                     "max_position_embeddings", "sliding_window", "moe_router_topk"):
             _positive("model", key, getattr(self, key))
@@ -79,6 +83,14 @@ class ModelConfig:
     @property
     def is_moe(self) -> bool:
         return self.arch == "mixtral"
+
+    def padded_vocab_size(self, tensor_parallel: int = 1) -> int:
+        """Rows of the embedding and output layer at this tensor-parallel size: ``vocab_size``
+        rounded up to a multiple of ``make_vocab_size_divisible_by * tensor_parallel``, the
+        arithmetic of Megatron-LM's ``_vocab_size_with_padding`` (megatron-core's
+        ``tokenizers.utils.build_tokenizer.vocab_size_with_padding``)."""
+        multiple = self.make_vocab_size_divisible_by * tensor_parallel
+        return -(-self.vocab_size // multiple) * multiple
 
 
 @dataclass

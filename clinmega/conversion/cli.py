@@ -51,6 +51,15 @@ def add_import_arguments(parser: argparse.ArgumentParser) -> None:
                         help="read pytorch_model*.bin (torch.load weights_only=True)")
     parser.add_argument("--transformer-impl", choices=TRANSFORMER_IMPLS, default="auto",
                         help="layer implementation whose checkpoint keys to write")
+    vocab = parser.add_argument_group(
+        "vocabulary extension (CPT/SFT with new tokens): new embedding and output rows are the "
+        "mean of the existing ones; the extended tokenizer is saved in OUT/hf_assets")
+    vocab.add_argument("--add-tokens", metavar="FILE|TOKENS", default=None,
+                       help="tokens to add: a file with one token per line, or a comma-separated "
+                            "list; tokens already in the vocabulary are skipped")
+    vocab.add_argument("--add-special-tokens", metavar="FILE|TOKENS", default=None,
+                       help="the same for special tokens (e.g. chat-role markers; dropped by "
+                            "decoding with skip_special_tokens)")
     _common(parser)
     parser.set_defaults(func=run_import)
 
@@ -76,10 +85,13 @@ def _report(summary) -> int:
 
 
 def run_import(args: argparse.Namespace) -> int:
+    from clinmega.conversion.added_tokens import parse_tokens
     from clinmega.conversion.importer import import_hf
     from clinmega.runtime import shutdown
 
     try:
+        add_tokens = parse_tokens(args.add_tokens) if args.add_tokens else []
+        add_special = parse_tokens(args.add_special_tokens) if args.add_special_tokens else []
         parallel = ParallelConfig(tensor_parallel=args.tp, pipeline_parallel=args.pp,
                                   virtual_pipeline_parallel=args.vpp, expert_parallel=args.ep,
                                   expert_tensor_parallel=args.etp,
@@ -88,7 +100,8 @@ def run_import(args: argparse.Namespace) -> int:
                                  allow_downcast=args.allow_downcast,
                                  allow_pickle=args.allow_pickle, overwrite=args.overwrite,
                                  transformer_impl=args.transformer_impl,
-                                 progress=args.progress))
+                                 progress=args.progress, add_tokens=add_tokens,
+                                 add_special_tokens=add_special))
     except (ConversionError, ConfigError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

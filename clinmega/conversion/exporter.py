@@ -14,22 +14,47 @@ import torch
 
 from clinmega.config.schema import ModelConfig
 from clinmega.conversion import dtypes, staging
-from clinmega.conversion.checkpoint_info import ASSETS_DIR, read_model_config
+from clinmega.conversion.checkpoint_info import ASSETS_DIR, INFO_FILE, read_model_config
 from clinmega.conversion.dist_io import DistCheckpointReader
 from clinmega.conversion.errors import ConversionError
 from clinmega.conversion.hf_io import PlannedTensor, SafetensorsWriter, copy_assets, write_json
-from clinmega.conversion.mapping import EXPERT, LAYER, Mapping, Unit, mapping_table, units
+from clinmega.conversion.mapping import (EXPERT, LAYER, Mapping, Unit, VocabRows, mapping_table,
+                                         units)
 from clinmega.conversion.prefetch import Prefetcher, ReusedBuffers
 from clinmega.conversion.progress import Summary, Tracker
 from clinmega.models.hf import to_hf_config
 
 MODEL_PREFIXES = ("embedding.", "decoder.", "output_layer.")
+MAX_TP = 64  # largest tensor-parallel size whose vocabulary padding export recognises
 
+
+def _padded_sizes(cfg: ModelConfig) -> set[int]:
+    """Row counts the embedding / output layer of ``cfg`` has at TP 1..MAX_TP. Anything else
+    (e.g. a checkpoint with added tokens exported with the source's config) is refused rather than
+    cut to ``vocab_size`` rows."""
+    return {cfg.padded_vocab_size(tp) for tp in range(1, MAX_TP + 1)}
+
+
+
+def _check_recorded_vocabulary(ckpt_dir: Path, cfg: ModelConfig) -> None:
+    """A config whose vocabulary differs from the one import recorded would export a cut (or
+    padded) vocabulary: e.g. the source model's config for a checkpoint with added tokens."""
+    if not (ckpt_dir / INFO_FILE).is_file():
+        return
+    recorded = read_model_config(ckpt_dir).vocab_size
+    if recorded != cfg.vocab_size:
+        raise ConversionError(
+            f"{ckpt_dir / INFO_FILE}: the checkpoint's vocabulary has {recorded} tokens "
+            f"(model.vocab_size), the model config given has vocab_size={cfg.vocab_size}; export "
+            "without --config/--preset to use the recorded one")
 
 
 def stored_keys(reader: DistCheckpointReader, cfg: ModelConfig,
                 table: list[Mapping]) -> dict[Mapping, str]:
-    """The checkpoint key of each mapping (local or TE spec), shapes checked against ``cfg``."""
+    """The checkpoint key of each mapping (local or TE spec), shapes checked against ``cfg``.
+
+    The embedding and output layer may hold more rows than ``cfg.vocab_size`` (the padding of the
+    layout they were saved at); export reads the first ``vocab_size`` rows."""
     keys = {}
     for m in table:
         key = next((k for k in (m.key, m.te_key) if k and k in reader.tensors), None)
@@ -38,10 +63,17 @@ def stored_keys(reader: DistCheckpointReader, cfg: ModelConfig,
                                   " checkpoint must hold it)")
         lead = {LAYER: (cfg.num_layers,), EXPERT: (cfg.num_layers, cfg.num_experts)}
         expected = lead.get(m.scope, ()) + m.shape
-        if reader.shape(key) != expected:
-            raise ConversionError(f"{reader.directory}: tensor {key!r} has shape "
-                                  f"{list(reader.shape(key))}, the model config implies "
-                                  f"{list(expected)}")
+        stored = reader.shape(key)
+        padded = (isinstance(m, VocabRows) and stored[1:] == expected[1:]
+                  and stored[0] in _padded_sizes(cfg))
+        if stored != expected and not padded:
+            raise ConversionError(
+                f"{reader.directory}: tensor {key!r} has shape {list(stored)}, the model config "
+                f"implies {list(expected)}" + (
+                    f" (or {cfg.vocab_size} padded for a tensor-parallel size <= {MAX_TP}: "
+                    f"{sorted(_padded_sizes(cfg))[:4]} ...; is model.vocab_size / "
+                    "make_vocab_size_divisible_by the checkpoint's?)"
+                    if isinstance(m, VocabRows) else ""))
         keys[m] = key
     unexpected = sorted(k for k in reader.tensors
                         if k.startswith(MODEL_PREFIXES) and k not in keys.values())
@@ -64,6 +96,7 @@ def export_hf(ckpt_dir: str | Path, out_dir: str | Path, model: ModelConfig | No
     ckpt_dir, out_dir = Path(ckpt_dir), Path(out_dir)
     reader = DistCheckpointReader(ckpt_dir)
     cfg = model or read_model_config(ckpt_dir)
+    _check_recorded_vocabulary(ckpt_dir, cfg)
     table = mapping_table(cfg)
     keys = stored_keys(reader, cfg, table)
     out_dtype = dtypes.parse(dtype) or reader.dtype(keys[table[0]])

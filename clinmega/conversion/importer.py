@@ -11,7 +11,9 @@ layout; the requested layout is still checked against the model. On N ranks (tor
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
+from typing import Sequence
 
 import torch
 import torch.distributed as dist
@@ -22,10 +24,11 @@ from megatron.core.dist_checkpointing.mapping import is_main_replica
 from clinmega.config.errors import ConfigError
 from clinmega.config.schema import ModelConfig, ParallelConfig, PrecisionConfig, RuntimeConfig
 from clinmega.conversion import dtypes, staging
+from clinmega.conversion.added_tokens import ExtendedTokenizer, extend_tokenizer
 from clinmega.conversion.checkpoint_info import ASSETS_DIR, hf_model_config, write_info
 from clinmega.conversion.dist_io import save_produced
 from clinmega.conversion.errors import ConversionError
-from clinmega.conversion.hf_io import ASSET_FILES, HFReader, copy_assets
+from clinmega.conversion.hf_io import ASSET_FILES, HFReader, copy_assets, write_json
 from clinmega.conversion.mapping import Mapping, mapping_table, units
 from clinmega.conversion.prefetch import Prefetcher, ReusedBuffers, exact_storage
 from clinmega.conversion.progress import Summary, Tracker
@@ -89,6 +92,7 @@ class _Producer:
                 self._buffers.tensor(position, mapping.shape, dtype))
         for name, view in zip(mapping.hf_names(*lead), mapping.hf_views(full), strict=True):
             self.reader.read_into(name, view, self.allow_downcast)
+        mapping.init_rows(full)  # added-token and padding rows of the vocabulary tensors
         return full
 
     def expect(self, chunks) -> None:
@@ -157,13 +161,34 @@ def _local_bytes(sharded: dict) -> int:
                if isinstance(sh, ShardedTensor) and is_main_replica(sh.replica_id))
 
 
+def _write_assets(hf_dir: Path, assets: Path, extended: ExtendedTokenizer | None) -> None:
+    """The source's tokenizer, generation config and config.json; with added tokens, the extended
+    tokenizer (``save_pretrained``) instead of the source's tokenizer files, and config.json with
+    the new vocab_size."""
+    assets.mkdir()
+    if extended is None:
+        copy_assets(hf_dir, assets, (*ASSET_FILES, "config.json"))
+        return
+    extended.tokenizer.save_pretrained(str(assets))
+    copy_assets(hf_dir, assets, ("generation_config.json",))
+    hf_config = json.loads((hf_dir / "config.json").read_text())
+    write_json(assets / "config.json", {**hf_config, "vocab_size": extended.vocab_size})
+
+
 def import_hf(hf_dir: str | Path, out_dir: str | Path, parallel: ParallelConfig | None = None,
               dtype: str | None = None, *, allow_downcast: bool = False,
               allow_pickle: bool = False, overwrite: bool = False,
               transformer_impl: str = "auto", progress: bool = True,
-              runtime: RuntimeConfig | None = None) -> Summary:
+              runtime: RuntimeConfig | None = None, add_tokens: Sequence[str] = (),
+              add_special_tokens: Sequence[str] = ()) -> Summary:
     """Convert the HF model in ``hf_dir`` into a megatron-core distributed checkpoint at
     ``out_dir`` loadable at ``parallel`` (and any other layout).
+
+    The embedding and output layer are written with ``ModelConfig.padded_vocab_size`` rows for
+    the layout written (zero padding rows; any layout loads them, megatron-core's embedding and
+    output-layer shards allow another padded size). ``add_tokens`` / ``add_special_tokens``
+    extend the vocabulary (:mod:`clinmega.conversion.added_tokens`): new rows are the mean of the
+    source rows, and the extended tokenizer is saved in ``<out_dir>/hf_assets``.
 
     Collective when torch.distributed is initialised with several ranks (each writes its shards
     of ``parallel``); otherwise a single process initialises a one-rank group itself.
@@ -172,6 +197,11 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, parallel: ParallelConfig 
     parallel = parallel or ParallelConfig()
     runtime = runtime or RuntimeConfig()
     cfg = hf_model_config(hf_dir)
+    hf_vocab = cfg.vocab_size
+    extended = None
+    if add_tokens or add_special_tokens:
+        extended = extend_tokenizer(hf_dir, add_tokens, add_special_tokens, hf_vocab)
+        cfg = dataclasses.replace(cfg, vocab_size=extended.vocab_size)
     try:
         check_layout(cfg, parallel)
         # Only the checkpoint key names depend on the implementation (the local spec is built
@@ -181,8 +211,7 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, parallel: ParallelConfig 
     except ConfigError as err:
         raise ConversionError(f"{hf_dir}: {err}") from None
     reader = HFReader(hf_dir, allow_pickle=allow_pickle)
-    table = mapping_table(cfg)
-    validate_hf(reader, cfg, table)
+    validate_hf(reader, cfg, mapping_table(cfg, hf_vocab=hf_vocab))
     out_dtype = dtypes.parse(dtype) or reader.tensors["model.embed_tokens.weight"].dtype
     staging.check_output(out_dir, overwrite)
 
@@ -192,6 +221,8 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, parallel: ParallelConfig 
         init_model_parallel(build_parallel, runtime)
     except ConfigError as err:
         raise ConversionError(f"{err} (importing on {world.world_size} ranks)") from None
+    padded_vocab = cfg.padded_vocab_size(build_parallel.tensor_parallel)
+    table = mapping_table(cfg, hf_vocab=hf_vocab, padded_vocab=padded_vocab)
     by_key = {m.key: m for m in table}
     sharded = _sharded_target(cfg, build_parallel, out_dtype, by_key, impl)
     rank0 = world.rank == 0
@@ -205,10 +236,12 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, parallel: ParallelConfig 
         dist.barrier()
         save_produced(sharded, tmp, producer)
         if rank0:
+            vocabulary = {"vocab_size": cfg.vocab_size, "padded_vocab_size": padded_vocab,
+                          **(extended.record() if extended else {})}
             write_info(tmp, cfg, source=str(hf_dir.resolve()), dtype=dtypes.NAMES[out_dtype],
-                       parallel=dataclasses.asdict(parallel), transformer_impl=impl)
-            (tmp / ASSETS_DIR).mkdir()
-            copy_assets(hf_dir, tmp / ASSETS_DIR, (*ASSET_FILES, "config.json"))
+                       parallel=dataclasses.asdict(parallel), transformer_impl=impl,
+                       vocabulary=vocabulary)
+            _write_assets(hf_dir, tmp / ASSETS_DIR, extended)
         dist.barrier()
         if rank0:
             staging.commit(out_dir)

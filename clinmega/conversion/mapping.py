@@ -9,7 +9,10 @@ own copy of the logic:
 * :class:`Direct` - same tensor under another name (embeddings, norms, projections, router),
 * :class:`QKV` - HF ``q_proj/k_proj/v_proj`` <-> megatron's fused ``linear_qkv`` whose rows are
   grouped per query group g as ``[q heads of g, k_g, v_g]``,
-* :class:`GatedMLP` - HF ``gate`` (w1) and ``up`` (w3) <-> ``linear_fc1 = cat([gate, up])``.
+* :class:`GatedMLP` - HF ``gate`` (w1) and ``up`` (w3) <-> ``linear_fc1 = cat([gate, up])``,
+* :class:`VocabRows` - the embedding and output layer: HF's rows are the first rows of megatron's
+  padded tensor (``ModelConfig.padded_vocab_size``); rows added to the vocabulary at import
+  (``import-hf --add-tokens``) and the padding rows have no HF tensor and are made by ``init_rows``.
 
 Entries are keyed by the *distributed-checkpoint* key of the tensor (``ShardedTensor.key``), which
 is what import writes and export reads. megatron-core gives the Transformer Engine and the local
@@ -70,11 +73,15 @@ class Mapping:
         into its view, export writes each view out, both without an intermediate copy."""
         return [full]
 
+    def init_rows(self, full: torch.Tensor) -> None:
+        """Fill the parts of ``full`` that no HF tensor covers (none, except in VocabRows)."""
+
     def hf_to_megatron(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         """The megatron tensor made of HF ``tensors`` (a new tensor)."""
         full = torch.empty(self.shape, dtype=tensors[0].dtype)
         for view, tensor in zip(self.hf_views(full), tensors, strict=True):
             view.copy_(tensor.reshape(view.shape))
+        self.init_rows(full)
         return full
 
     def megatron_to_hf(self, full: torch.Tensor) -> list[torch.Tensor]:
@@ -122,6 +129,52 @@ class GatedMLP(Mapping):
 
     def hf_views(self, full: torch.Tensor) -> list[torch.Tensor]:
         return list(torch.chunk(full, 2, dim=0))
+
+
+@dataclass(frozen=True)
+class VocabRows(Mapping):
+    """One row per token id: ``hf_shapes[0] = (hf_rows, h)`` HF rows, ``vocab_rows`` real ids
+    (more than ``hf_rows`` when import adds tokens), ``padded_rows`` rows in megatron's tensor.
+
+    Import initialises the added rows (ids ``hf_rows .. vocab_rows - 1``) to the mean of the HF
+    rows, computed in float64 (Hewitt 2021, "Initializing New Word Embeddings for Pretrained
+    Language Models": with the output row of a new token equal to the mean output row, its logit is
+    the mean logit, so by Jensen's inequality its initial probability is at most 1/V of the
+    original vocabulary's total and the model's distribution over the old tokens barely moves;
+    random rows of the usual init scale can instead dominate the softmax). The padding rows are
+    zero: their logits are masked (``clinmega.models.vocab``), so they never change the function.
+    Export reads the first ``vocab_rows`` rows of a checkpoint tensor of any padded size."""
+
+    vocab_rows: int = 0
+    padded_rows: int = 0
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (self.padded_rows, self.hf_shapes[0][1])
+
+    def hf_views(self, full: torch.Tensor) -> list[torch.Tensor]:
+        return [full[: self.hf_shapes[0][0]]]
+
+    def init_rows(self, full: torch.Tensor) -> None:
+        hf_rows = self.hf_shapes[0][0]
+        if self.vocab_rows > hf_rows:
+            total = torch.zeros(full.shape[1:], dtype=torch.float64)
+            for rows in torch.split(full[:hf_rows], 4096):  # no float64 copy of the whole tensor
+                total += rows.sum(dim=0, dtype=torch.float64)
+            full[hf_rows: self.vocab_rows] = (total / hf_rows).to(full.dtype)
+        full[self.vocab_rows:].zero_()
+
+
+def _vocab(key: str, hf_name: str, cfg: ModelConfig, hf_vocab: int | None,
+           padded_vocab: int | None) -> VocabRows:
+    v, h = cfg.vocab_size, cfg.hidden_size
+    hf_vocab = v if hf_vocab is None else hf_vocab
+    padded_vocab = v if padded_vocab is None else padded_vocab
+    if not hf_vocab <= v <= padded_vocab:
+        raise ValueError(f"{key}: needs HF rows {hf_vocab} <= vocab_size {v} <= padded rows "
+                         f"{padded_vocab}")
+    return VocabRows(key, (hf_name,), ((hf_vocab, h),), scope=GLOBAL, params=(key,),
+                     vocab_rows=v, padded_rows=padded_vocab)
 
 
 def _attention(cfg: ModelConfig) -> list[Mapping]:
@@ -182,18 +235,21 @@ def _moe_mlp(cfg: ModelConfig) -> list[Mapping]:
     ]
 
 
-def mapping_table(cfg: ModelConfig) -> list[Mapping]:
-    """The mappings of ``cfg``'s family, in HF file order (embeddings, layers, head)."""
-    h, v = cfg.hidden_size, cfg.vocab_size
+def mapping_table(cfg: ModelConfig, *, hf_vocab: int | None = None,
+                  padded_vocab: int | None = None) -> list[Mapping]:
+    """The mappings of ``cfg``'s family, in HF file order (embeddings, layers, head).
+
+    The embedding and output layer hold ``padded_vocab`` rows (default ``cfg.vocab_size``), of
+    which the HF tensors give the first ``hf_vocab`` (default ``cfg.vocab_size``)."""
+    h = cfg.hidden_size
     return [
-        Direct("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), ((v, h),),
-               scope=GLOBAL, params=("embedding.word_embeddings.weight",)),
+        _vocab("embedding.word_embeddings.weight", "model.embed_tokens.weight", cfg, hf_vocab,
+               padded_vocab),
         *_attention(cfg),
         *(_moe_mlp(cfg) if cfg.is_moe else _dense_mlp(cfg)),
         Direct("decoder.final_layernorm.weight", ("model.norm.weight",), ((h,),), scope=GLOBAL,
                params=("decoder.final_layernorm.weight",)),
-        Direct("output_layer.weight", ("lm_head.weight",), ((v, h),), scope=GLOBAL,
-               params=("output_layer.weight",)),
+        _vocab("output_layer.weight", "lm_head.weight", cfg, hf_vocab, padded_vocab),
     ]
 
 

@@ -20,6 +20,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from clinmega.config.errors import ConfigError
 from clinmega.config.schema import ModelConfig, ParallelConfig, PrecisionConfig, RuntimeConfig
 from clinmega.models.spec import decoder_block_spec, resolve_transformer_impl
+from clinmega.models.vocab import install_padded_vocab_mask
 
 log = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -48,9 +49,6 @@ def check_layout(model: ModelConfig, parallel: ParallelConfig) -> None:
     if model.ffn_hidden_size % tp:
         raise ConfigError(f"parallel.tensor_parallel: {tp} does not divide "
                           f"model.ffn_hidden_size={model.ffn_hidden_size}")
-    if model.vocab_size % tp:
-        raise ConfigError(f"parallel.tensor_parallel: {tp} does not divide "
-                          f"model.vocab_size={model.vocab_size}")
     stages = pp * (parallel.virtual_pipeline_parallel or 1)
     if model.num_layers % stages:
         raise ConfigError(f"parallel.pipeline_parallel: {model.num_layers} layers cannot be split "
@@ -150,12 +148,16 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, precision: 
 def build_model_chunk(model: ModelConfig, config: TransformerConfig, pre_process: bool = True,
                       post_process: bool = True, vp_stage: int | None = None,
                       pp_rank: int | None = None) -> GPTModel:
-    """One GPTModel (the layers of one pipeline/virtual stage) on this rank's device."""
+    """One GPTModel (the layers of one pipeline/virtual stage) on this rank's device.
+
+    Its embedding and output layer have ``model.padded_vocab_size(TP)`` rows; the logits of the
+    padded ids are -inf (``clinmega.models.vocab``), so the model computes the same function as with
+    exactly ``model.vocab_size`` rows."""
     spec = decoder_block_spec(config, config.transformer_impl, vp_stage=vp_stage, pp_rank=pp_rank)
     gpt = GPTModel(
         config=config,
         transformer_layer_spec=spec,
-        vocab_size=model.vocab_size,
+        vocab_size=model.padded_vocab_size(config.tensor_model_parallel_size),
         max_sequence_length=model.max_position_embeddings,
         pre_process=pre_process,
         post_process=post_process,
@@ -164,6 +166,7 @@ def build_model_chunk(model: ModelConfig, config: TransformerConfig, pre_process
         rotary_base=int(model.rope_theta),
         vp_stage=vp_stage,
     )
+    install_padded_vocab_mask(gpt, model.vocab_size)
     # A model built under ``torch.device("meta")`` (shapes only, e.g. checkpoint conversion)
     # stays there: meta tensors cannot be copied to a device.
     if torch.cuda.is_available() and not any(p.is_meta for p in gpt.parameters()):

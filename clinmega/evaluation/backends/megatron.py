@@ -66,8 +66,11 @@ class MegatronBackend(TokenBackend):
     def _forward(self, tokens: torch.Tensor, start: int, mask: torch.Tensor | None, context: Any = None):
         length = tokens.shape[1]
         positions = torch.arange(start, start + length, device=self.device)[None].expand(tokens.shape[0], -1)
-        return self.model(tokens.to(self.device), positions, mask, inference_context=context,
-                          runtime_gather_output=True)  # full-vocabulary logits on every tensor-parallel rank
+        from clinmega.models.vocab import real_vocab_logits
+
+        logits = self.model(tokens.to(self.device), positions, mask, inference_context=context,
+                            runtime_gather_output=True)  # full-vocabulary logits on every tensor-parallel rank
+        return real_vocab_logits(self.model, logits)  # without the padded ids (their logits are -inf)
 
     def _mask(self, length: int) -> torch.Tensor | None:
         """Like megatron-core's GPT inference wrapper: an explicit causal mask for the local attention
