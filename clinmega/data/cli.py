@@ -11,7 +11,9 @@ Every option is a field of the stage's dataclass (``PretrainPrepConfig``, ``SFTP
 ``BlendConfig``, ``DecontamConfig``), generated from it so the CLI and recipes cannot drift apart.
 ``--config FILE.yaml`` loads the same fields from YAML (either at top level or under a section named
 ``pretrain``/``sft``/``blend``/``decontaminate``); options given on the command line override it.
-Each verb's ``func(args)`` returns an exit code: 0 done, 1 finished but wrote nothing, 2 bad input.
+Each verb's ``func(args)`` returns an exit code: 0 done, 1 finished but wrote nothing, 2 bad input
+(also: damaged input files under ``--strict``; without it they are reported on one line and the run
+succeeds with every document before each break).
 """
 
 from __future__ import annotations
@@ -136,6 +138,11 @@ def _run(stage: Callable[[Any], dict[str, Any]], cls: type, section: str, wrote:
             return 2
         shown = {k: result[k] for k in ("totals", "packing", "output", "documents_flagged", "splits") if k in result}
         print(json.dumps(shown, indent=2))
+        from clinmega.data.manifest import damage_line
+
+        damaged = damage_line(result)
+        if damaged:
+            print(damaged, file=sys.stderr)
         return 0 if wrote(result) else 1
 
     return func
