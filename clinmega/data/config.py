@@ -32,6 +32,15 @@ class PretrainPrepConfig:
 
 
 @dataclass
+class MergeConfig:
+    """Options of ``prepare merge`` (shards of ``prepare pretrain --shard i/N`` -> one dataset)."""
+
+    output_prefix: str = ""  # the prefix the shards were made with; writes <prefix>.bin/.idx/.manifest.json
+    inputs: list[str] = field(default_factory=list)  # shard prefixes or globs (default: <output_prefix>-*-of-*)
+    overwrite: bool = False
+
+
+@dataclass
 class SFTPrepConfig:
     """Options of ``prepare sft`` (embeddable in a recipe)."""
 

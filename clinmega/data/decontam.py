@@ -280,6 +280,7 @@ def decontaminate(cfg: DecontamConfig) -> dict[str, Any]:
     index = eval_index_for(cfg)  # built before forking, so workers share it copy-on-write
     chunks = plan_chunks(paths, cfg.workers, cfg.chunk_mb, shard)
     ranges = file_ranges(chunks)
+    all_inputs = [str(p) for p in paths]
     if shard is not None:  # only the files this shard reads
         keep = [i for i, p in enumerate(paths) if str(p) in ranges]
         remap = {old: new for new, old in enumerate(keep)}
@@ -311,7 +312,8 @@ def decontaminate(cfg: DecontamConfig) -> dict[str, Any]:
             documents_flagged=len(flagged_lines),
             unchecked_lines_passed_through=unchecked,
             outputs=outputs,
-            **({"shard": {"index": shard[0], "count": shard[1], "ranges": ranges}} if shard else {}),
+            **({"shard": {"index": shard[0], "count": shard[1], "inputs": all_inputs, "ranges": ranges}}
+               if shard else {}),
             timing={"seconds": round(time.perf_counter() - t0, 3)},
         )
         flagged_tmp = tmp / "flagged.jsonl"

@@ -167,7 +167,8 @@ def prepare_pretrain(cfg: PretrainPrepConfig) -> dict[str, Any]:
             cfg,
             files,
             tokenizer=tok.identity(),
-            **({"shard": {"index": shard[0], "count": shard[1], "ranges": ranges}} if shard else {}),
+            **({"shard": {"index": shard[0], "count": shard[1], "inputs": [str(p) for p in paths],
+                          "ranges": ranges}} if shard else {}),
             output={
                 "prefix": prefix,
                 "dtype": np.dtype(tok.token_dtype()).name,
