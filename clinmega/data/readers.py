@@ -44,7 +44,7 @@ COMPRESSED_SUFFIXES = {".gz": "jsonl.gz", ".zst": "jsonl.zst", ".zstd": "jsonl.z
 INPUT_SUFFIXES = tuple(j + c for j in JSONL_SUFFIXES for c in ("", *COMPRESSED_SUFFIXES)) + (".parquet",)
 UTF8_BOM = b"\xef\xbb\xbf"
 _READ_BLOCK = 1 << 17  # compressed bytes per decoder call (output per call: its decompression ratio times this)
-_SALVAGE_PIECE = 64  # compressed bytes per decoder call when recovering the bytes before a corruption
+_SALVAGE_PIECE = 1  # compressed bytes per decoder call when recovering the bytes before a corruption (<= 128K calls)
 
 
 class DamagedInputError(ValueError):
