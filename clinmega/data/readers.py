@@ -54,10 +54,10 @@ class DamagedInputError(ValueError):
 @dataclass(frozen=True)
 class Chunk:
     """A unit of work: ``[start, end)`` bytes of a JSONL file, row groups of a Parquet file, or a whole
-    ``.gz`` file (``end == -1``). ``file_index`` orders files, ``index`` orders chunks globally."""
+    compressed file (``end == -1``). ``file_index`` orders files, ``index`` orders chunks globally."""
 
     path: str
-    fmt: str  # "jsonl" | "jsonl.gz" | "parquet"
+    fmt: str  # "jsonl" | "jsonl.gz" | "jsonl.zst" | "jsonl.xz" | "parquet"
     start: int
     end: int
     file_index: int
