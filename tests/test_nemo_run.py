@@ -65,3 +65,18 @@ def test_entry_point_and_executors_are_declared():
     slurm = cm.slurm_executor(account="a", partition="p", nodes=2, container_image="img.sqsh")
     assert (slurm.nodes, slurm.ntasks_per_node, slurm.gpus_per_node) == (2, 8, 8)
     assert slurm.container_image == "img.sqsh"
+
+
+def test_sharded_prepare_two_shards_and_merge_under_local_executor(tmp_path):
+    from test_data_shards import assert_same_dataset, make_corpus, one_shot
+
+    inputs = make_corpus(tmp_path)
+    prefix = str(tmp_path / "sharded")
+    with run.Experiment("clinmega-prepare", executor=cm.local_executor(), log_level="WARN") as exp:
+        ids = cm.add_sharded_prepare(exp, ["--inputs", *inputs, "--output-prefix", prefix, "--workers", "1",
+                                           "--no-progress"], shards=2, executor=cm.local_executor(),
+                                     merge_prefix=prefix, python=sys.executable)
+        assert len(ids) == 3 and exp.jobs[2].dependencies == ids[:2]
+        exp.run(detach=False)
+    one_shot(tmp_path, inputs)
+    assert_same_dataset(str(tmp_path / "one"), prefix)

@@ -4,6 +4,8 @@
 
     clinmega prepare pretrain  --inputs 'raw/*.jsonl.gz' --output-prefix data/clinical --tokenizer mistral-v1
     clinmega prepare sft       --inputs chat.jsonl --output-dir data/sft --seq-length 4096
+    clinmega prepare pretrain  ... --shard 0/4               (shard 0 of 4 -> <prefix>-00000-of-00004.*)
+    clinmega prepare merge     --output-prefix data/clinical (joins the shards into data/clinical.*)
     clinmega prepare blend     --config blend.yaml          (builds the blend, prints epochs per source)
     clinmega decontaminate     --inputs train.jsonl --eval-sets 'eval/*.jsonl' --output-dir clean --mode report
 
@@ -11,7 +13,9 @@ Every option is a field of the stage's dataclass (``PretrainPrepConfig``, ``SFTP
 ``BlendConfig``, ``DecontamConfig``), generated from it so the CLI and recipes cannot drift apart.
 ``--config FILE.yaml`` loads the same fields from YAML (either at top level or under a section named
 ``pretrain``/``sft``/``blend``/``decontaminate``); options given on the command line override it.
-Each verb's ``func(args)`` returns an exit code: 0 done, 1 finished but wrote nothing, 2 bad input.
+Each verb's ``func(args)`` returns an exit code: 0 done, 1 finished but wrote nothing, 2 bad input
+(also: damaged input files under ``--strict``; without it they are reported on one line and the run
+succeeds with every document before each break).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from clinmega.data.config import (
     BlendConfig,
     BlendSource,
     DecontamConfig,
+    MergeConfig,
     PretrainPrepConfig,
     SFTPrepConfig,
 )
@@ -136,6 +141,11 @@ def _run(stage: Callable[[Any], dict[str, Any]], cls: type, section: str, wrote:
             return 2
         shown = {k: result[k] for k in ("totals", "packing", "output", "documents_flagged", "splits") if k in result}
         print(json.dumps(shown, indent=2))
+        from clinmega.data.manifest import damage_line
+
+        damaged = damage_line(result)
+        if damaged:
+            print(damaged, file=sys.stderr)
         return 0 if wrote(result) else 1
 
     return func
@@ -153,6 +163,12 @@ def _pretrain_stage(cfg: PretrainPrepConfig) -> dict[str, Any]:
     return prepare_pretrain(cfg)
 
 
+def _merge_stage(cfg: MergeConfig) -> dict[str, Any]:
+    from clinmega.data.merge import merge_pretrain_shards
+
+    return merge_pretrain_shards(cfg)
+
+
 def _sft_stage(cfg: SFTPrepConfig) -> dict[str, Any]:
     from clinmega.data.sft import prepare_sft
 
@@ -166,7 +182,7 @@ def _decontam_stage(cfg: DecontamConfig) -> dict[str, Any]:
 
 
 def register(subparsers: Any) -> None:
-    """Add ``prepare {pretrain,sft,blend}`` and ``decontaminate`` to an argparse subparsers object."""
+    """Add ``prepare {pretrain,merge,sft,blend}`` and ``decontaminate`` to an argparse subparsers object."""
     prepare = subparsers.add_parser("prepare", help="prepare training data")
     verbs = prepare.add_subparsers(dest="prepare_command", required=True)
 
@@ -180,6 +196,14 @@ def register(subparsers: Any) -> None:
             "tokenize text into megatron-core indexed datasets",
             PretrainPrepConfig,
             _pretrain_stage,
+            written,
+        ),
+        (
+            verbs,
+            "merge",
+            "join the shards of 'prepare pretrain --shard i/N' into one indexed dataset",
+            MergeConfig,
+            _merge_stage,
             written,
         ),
         (verbs, "sft", "template, mask and pack chat data", SFTPrepConfig, _sft_stage, written),

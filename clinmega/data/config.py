@@ -25,8 +25,19 @@ class PretrainPrepConfig:
     workers: int = 2
     chunk_mb: float = 64.0  # input bytes per worker task (MiB)
     batch_docs: int = 1024
+    shard: str | None = None  # "i/N": prepare only shard i of N (0-based); writes <prefix>-0000i-of-0000N.*
+    strict: bool = False  # damaged input files: still written up to each break, but the run fails (exit 2)
     overwrite: bool = False
     progress: bool = True
+
+
+@dataclass
+class MergeConfig:
+    """Options of ``prepare merge`` (shards of ``prepare pretrain --shard i/N`` -> one dataset)."""
+
+    output_prefix: str = ""  # the prefix the shards were made with; writes <prefix>.bin/.idx/.manifest.json
+    inputs: list[str] = field(default_factory=list)  # shard prefixes or globs (default: <output_prefix>-*-of-*)
+    overwrite: bool = False
 
 
 @dataclass
@@ -39,6 +50,7 @@ class SFTPrepConfig:
     tokenizer_backend: str = "auto"  # auto | gigatoken | sentencepiece (SentencePiece models only)
     template: str = "auto"  # auto | mistral-v1 | mistral-v3 | chat-template
     messages_field: str = "messages"
+    conversations_field: str = "conversations"  # ShareGPT layout: [{"from": "human"|"gpt"|"system", "value"}]
     input_field: str = "input"
     output_field: str = "output"
     instruction_field: str = "instruction"
@@ -48,6 +60,7 @@ class SFTPrepConfig:
     pack: bool = True  # first-fit-decreasing packing; False: one sample per bin
     workers: int = 2
     chunk_mb: float = 64.0  # input bytes per worker task (MiB)
+    strict: bool = False  # damaged input files: still written up to each break, but the run fails (exit 2)
     overwrite: bool = False
     progress: bool = True
 
@@ -80,7 +93,7 @@ class BlendConfig:
 class DecontamConfig:
     """Options of ``decontaminate`` (embeddable in a recipe)."""
 
-    inputs: list[str] = field(default_factory=list)  # training JSONL / JSONL.gz (paths or globs)
+    inputs: list[str] = field(default_factory=list)  # training JSONL, plain or .gz/.zst/.xz (paths or globs)
     eval_sets: list[str] = field(default_factory=list)  # evaluation JSONL (paths or globs)
     output_dir: str = ""
     text_field: str = "text"
@@ -90,5 +103,7 @@ class DecontamConfig:
     mode: str = "remove"  # "remove" | "report"
     workers: int = 2
     chunk_mb: float = 64.0  # input bytes per worker task (MiB)
+    shard: str | None = None  # "i/N": scan only shard i of N (0-based); writes <output_dir>-0000i-of-0000N/
+    strict: bool = False  # damaged input files: still written up to each break, but the run fails (exit 2)
     overwrite: bool = False
     progress: bool = True

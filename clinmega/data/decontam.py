@@ -16,15 +16,23 @@ cannot be checked and are counted as such.
 
 ``mode="remove"`` writes each training file minus flagged lines (kept lines byte-identical, other lines
 included — unparseable lines are passed through and counted, never dropped silently) to
-``output_dir``; ``mode="report"`` only reports. Always written: ``output_dir/decontam_manifest.json``
-and ``output_dir/flagged.jsonl`` (file, line, matched n-gram count, evaluation sets and items hit).
+``output_dir`` (compressed again in its input's format: .gz, .zst, .xz); ``mode="report"`` only reports.
+Always written: ``output_dir/decontam_manifest.json`` and ``output_dir/flagged.jsonl`` (file, line,
+matched n-gram count, evaluation sets and items hit). A damaged compressed input is scanned (and its
+kept lines written) up to the break, which the manifest records (``files[].damaged``).
+
+``shard="i/N"`` scans only shard ``i`` of ``N`` (``readers.plan_chunks``) into ``<output_dir>-0000i-of-0000N``;
+a file split between shards has its kept lines in both shard directories, in order, and there counts
+lines from its ``range.start`` byte (recorded in the manifest's ``shard.ranges``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -38,15 +46,21 @@ import numpy as np
 
 from clinmega.data.atomic import staging_dir, write_json_atomic
 from clinmega.data.config import DecontamConfig
-from clinmega.data.manifest import FileStats, build_manifest, merge_chunk_stats
+from clinmega.data.manifest import FileStats, build_manifest, merge_chunk_stats, report_damage
 from clinmega.data.parallel import run_chunk_tasks
 from clinmega.data.readers import (
+    UTF8_BOM,
     Chunk,
+    detect_format,
     expand_inputs,
+    file_ranges,
     get_field,
     iter_lines,
+    open_compressed_writer,
     parse_line,
+    parse_shard,
     plan_chunks,
+    shard_suffix,
 )
 
 _WORD = re.compile(r"\w+")
@@ -140,7 +154,7 @@ def _benchmark_records(path: Path) -> Iterator[tuple[int, dict[str, Any] | None]
         return
     with open(path, "rb") as f:
         for line_no, raw in enumerate(f, start=1):
-            obj, reason, _ = parse_line(raw)
+            obj, reason, _ = parse_line(raw[3:] if line_no == 1 and raw.startswith(UTF8_BOM) else raw)
             if reason == "blank_line":
                 continue
             yield line_no, obj if reason is None and isinstance(obj, dict) else None
@@ -211,7 +225,7 @@ def _scan_chunk(task: _Task) -> tuple[FileStats, dict[str, int], list[dict[str, 
     unchecked: dict[str, int] = {}
     flagged: list[dict[str, Any]] = []
     with open(task.part, "wb") if task.part else contextlib.nullcontext() as out:
-        for line_no, raw in enumerate(iter_lines(task.chunk), start=1):
+        for line_no, raw in enumerate(iter_lines(task.chunk, stats.damaged), start=1):
             stats.documents_read += 1
             obj, reason, _ = parse_line(raw)
             value = get_field(obj, cfg.text_field) if reason is None else None
@@ -253,17 +267,25 @@ def decontaminate(cfg: DecontamConfig) -> dict[str, Any]:
         raise ValueError("output_dir is required")
     if cfg.ngram < 1 or cfg.min_matches < 1:
         raise ValueError("ngram and min_matches must be >= 1")
-    out_dir = Path(cfg.output_dir)
+    shard = parse_shard(cfg.shard)
+    out_dir = Path(cfg.output_dir + (shard_suffix(shard) if shard else ""))
     manifest_path = out_dir / "decontam_manifest.json"
     if manifest_path.exists() and not cfg.overwrite:
         raise FileExistsError(f"{manifest_path} exists; use overwrite")
     paths = expand_inputs(cfg.inputs)
     for p in paths:
-        if not p.name.lower().endswith((".jsonl", ".json", ".ndjson", ".jsonl.gz", ".json.gz", ".ndjson.gz")):
-            raise ValueError(f"{p}: decontaminate reads JSONL training files only")
+        if detect_format(p) == "parquet":
+            raise ValueError(f"{p}: decontaminate reads JSONL training files only (plain, .gz, .zst or .xz)")
     t0 = time.perf_counter()
     index = eval_index_for(cfg)  # built before forking, so workers share it copy-on-write
-    chunks = plan_chunks(paths, cfg.workers, cfg.chunk_mb)
+    chunks = plan_chunks(paths, cfg.workers, cfg.chunk_mb, shard)
+    ranges = file_ranges(chunks)
+    all_inputs = [str(p) for p in paths]
+    if shard is not None:  # only the files this shard reads
+        keep = [i for i, p in enumerate(paths) if str(p) in ranges]
+        remap = {old: new for new, old in enumerate(keep)}
+        paths = [paths[i] for i in keep]
+        chunks = [dataclasses.replace(c, file_index=remap[c.file_index]) for c in chunks]
     out_dir.mkdir(parents=True, exist_ok=True)
     with staging_dir(manifest_path) as tmp:
         tasks = [_Task(c, str(tmp / f"part_{c.index:06d}") if cfg.mode == "remove" else None, cfg) for c in chunks]
@@ -290,27 +312,27 @@ def decontaminate(cfg: DecontamConfig) -> dict[str, Any]:
             documents_flagged=len(flagged_lines),
             unchecked_lines_passed_through=unchecked,
             outputs=outputs,
+            **({"shard": {"index": shard[0], "count": shard[1], "inputs": all_inputs, "ranges": ranges}}
+               if shard else {}),
             timing={"seconds": round(time.perf_counter() - t0, 3)},
         )
         flagged_tmp = tmp / "flagged.jsonl"
         flagged_tmp.write_text("".join(x + "\n" for x in flagged_lines), encoding="utf-8")
         os.replace(flagged_tmp, out_dir / "flagged.jsonl")
         write_json_atomic(manifest_path, manifest)
+    report_damage(manifest, cfg.strict, logging.getLogger(__name__))
     return manifest
 
 
 def _write_outputs(tasks: list[_Task], chunks: list[Chunk], paths: list[Path], out_dir: Path, tmp: Path) -> list[str]:
-    """Concatenate each file's kept parts (gzip again for .gz inputs) and move them into ``out_dir``."""
-    import gzip
-
+    """Concatenate each file's kept parts (compressed again like the input) and move them into ``out_dir``."""
     names = [p.name for p in paths]
     if len(set(names)) != len(names):
         raise ValueError(f"training inputs share file names; cannot write them side by side in {out_dir}")
     finals = []
     for fi, path in enumerate(paths):
         staged = tmp / f"final_{fi}"
-        opener = gzip.open if path.name.lower().endswith(".gz") else open
-        with opener(staged, "wb") as dst:
+        with open_compressed_writer(staged, detect_format(path)) as dst:
             for task, chunk in zip(tasks, chunks):
                 if chunk.file_index == fi and task.part:
                     with open(task.part, "rb") as src:

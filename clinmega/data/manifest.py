@@ -3,6 +3,9 @@
 Invariant (checked by ``FileStats.check``): ``documents_read == documents_written + sum(skipped)`` —
 every record read is either written or skipped for a named reason; nothing disappears silently.
 The first ``MAX_EXAMPLES`` skips per file are kept with their line number and detail.
+A file whose reading broke off (a truncated or corrupt compressed stream, a damaged Parquet row group)
+lists each break in ``damaged`` (``line``: the first line not read, ``kind``, ``reason``); its documents
+before the break are counted as usual, and ``totals.files_damaged`` counts such files.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ class FileStats:
     tokens: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
     examples: list[dict[str, Any]] = field(default_factory=list)
+    damaged: list[dict[str, Any]] = field(default_factory=list)  # breaks, see the module doc
 
     def skip(self, line: int, reason: str, detail: str = "") -> None:
         """Count one skipped record. ``line`` is 1-based (row number for Parquet)."""
@@ -59,6 +63,16 @@ class FileStats:
             self.skipped[k] = self.skipped.get(k, 0) + v
         room = MAX_EXAMPLES - len(self.examples)
         self.examples.extend({**e, "line": e["line"] + line_offset} for e in other.examples[: max(room, 0)])
+        self.damaged.extend({**d, "line": d["line"] + line_offset} for d in other.damaged)
+
+    @property
+    def lines_spanned(self) -> int:
+        """Input lines/rows this (chunk's) record covers: those read plus Parquet rows lost to damage."""
+        return self.documents_read + sum(d.get("rows_lost", 0) for d in self.damaged)
+
+    def damage_summary(self) -> str:
+        """``path:line: kind (reason)`` for each break, ``; ``-joined (empty when undamaged)."""
+        return "; ".join(f"{self.path}:{d['line']}: {d['kind']} ({d['reason']})" for d in self.damaged)
 
     @property
     def documents_skipped(self) -> int:
@@ -86,11 +100,12 @@ def merge_chunk_stats(paths: list[Any], chunks: list[Any], stats: list[FileStats
     """Per-file stats from per-chunk stats (chunks in file order, as ``readers.plan_chunks`` makes them),
     and each chunk's line offset in its file (to turn chunk-relative line numbers into absolute ones)."""
     files = [FileStats(str(p)) for p in paths]
+    lines = [0] * len(files)
     offsets = []
     for chunk, st in zip(chunks, stats):
-        target = files[chunk.file_index]
-        offsets.append(target.documents_read)
-        target.merge(st, line_offset=target.documents_read)
+        offsets.append(lines[chunk.file_index])
+        files[chunk.file_index].merge(st, line_offset=lines[chunk.file_index])
+        lines[chunk.file_index] += st.lines_spanned
     return files, offsets
 
 
@@ -106,7 +121,18 @@ def totals(files: list[FileStats]) -> dict[str, Any]:
         "documents_skipped": sum(skipped.values()),
         "tokens": sum(f.tokens for f in files),
         "skipped": skipped,
+        "files_damaged": sum(bool(f.damaged) for f in files),
     }
+
+
+def damage_line(manifest: dict[str, Any]) -> str | None:
+    """One line saying which input files were damaged and where, or None when none was."""
+    bad = [f for f in manifest.get("files", []) if f.get("damaged")]
+    if not bad:
+        return None
+    where = "; ".join(f"{f['path']}:{d['line']}: {d['kind']}" for f in bad for d in f["damaged"])
+    return (f"damaged input: {len(bad)} of {len(manifest['files'])} file(s), documents before each break kept "
+            f"(details under files[].damaged in the manifest): {where}")
 
 
 def build_manifest(stage: str, config: Any, files: list[FileStats], **extra: Any) -> dict[str, Any]:
@@ -125,3 +151,17 @@ def build_manifest(stage: str, config: Any, files: list[FileStats], **extra: Any
         "totals": totals(files),
         "skip_reasons": {k: SKIP_REASONS[k] for k in sorted({r for f in files for r in f.skipped})},
     }
+
+
+def report_damage(manifest: dict[str, Any], strict: bool, log: Any) -> None:
+    """Log each damaged file; with ``strict``, raise (after the outputs were published) naming them."""
+    line = damage_line(manifest)
+    if line is None:
+        return
+    for f in manifest["files"]:
+        for d in f.get("damaged", []):
+            log.warning("damaged input %s:%s: %s (%s)", f["path"], d["line"], d["kind"], d["reason"])
+    if strict:
+        from clinmega.data.readers import DamagedInputError
+
+        raise DamagedInputError(f"{line} (strict: failing; outputs were written up to each break)")

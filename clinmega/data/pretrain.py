@@ -1,4 +1,4 @@
-"""``prepare pretrain``: JSONL/JSONL.gz/Parquet text -> megatron-core indexed dataset (``.bin``/``.idx``).
+"""``prepare pretrain``: JSONL (plain/.gz/.zst/.xz) or Parquet text -> megatron-core indexed dataset (``.bin``/``.idx``).
 
 Each document becomes one sequence ``[BOS] ids [EOD]`` (BOS optional, on by default because Mistral
 models always see BOS at a document start; EOD is the tokenizer's EOS) in the smallest dtype that holds
@@ -9,6 +9,11 @@ shards are concatenated in input order, so the output is identical for any numbe
 Outputs, published only when complete: ``<prefix>.bin``, ``<prefix>.idx`` and, last, the completion
 marker ``<prefix>.manifest.json`` (per-file counts, skip reasons with file:line examples, tokenizer
 identity). A killed run leaves only ``.<name>.tmp-*`` scratch, which no reader looks at.
+
+``shard="i/N"`` prepares only shard ``i`` of ``N`` (``readers.plan_chunks``) into
+``<prefix>-0000i-of-0000N.*``; ``clinmega.data.merge.merge_pretrain_shards`` joins the shards into one
+dataset byte-identical to a one-shot run. In a shard's manifest, a file that began in an earlier shard
+counts lines from its ``range.start`` byte; the merged manifest gives absolute line numbers.
 """
 
 from __future__ import annotations
@@ -25,9 +30,17 @@ import numpy as np
 from clinmega.data.atomic import staging_dir, write_json_atomic
 from clinmega.data.config import PretrainPrepConfig
 from clinmega.data.indexed import append_sequences, finish, merge_shards, new_builder
-from clinmega.data.manifest import FileStats, build_manifest, merge_chunk_stats
+from clinmega.data.manifest import FileStats, build_manifest, merge_chunk_stats, report_damage
 from clinmega.data.parallel import run_chunk_tasks
-from clinmega.data.readers import Chunk, expand_inputs, iter_records, plan_chunks
+from clinmega.data.readers import (
+    Chunk,
+    expand_inputs,
+    file_ranges,
+    iter_records,
+    parse_shard,
+    plan_chunks,
+    shard_suffix,
+)
 from clinmega.data.tokenizers import cached_tokenizer
 
 log = logging.getLogger(__name__)
@@ -106,7 +119,7 @@ def _tokenize_chunk(task: _ChunkTask) -> FileStats:
         texts.clear()
         lines.clear()
 
-    for rec in iter_records(task.chunk, cfg.text_field):
+    for rec in iter_records(task.chunk, cfg.text_field, stats.damaged):
         stats.documents_read += 1
         if rec.reason is not None:
             stats.skip(rec.line, rec.reason, rec.detail)
@@ -127,15 +140,17 @@ def prepare_pretrain(cfg: PretrainPrepConfig) -> dict[str, Any]:
     """Run ``prepare pretrain``; returns the manifest (also written to ``<prefix>.manifest.json``)."""
     if not cfg.output_prefix:
         raise ValueError("output_prefix is required")
-    outs = output_paths(cfg.output_prefix)
+    shard = parse_shard(cfg.shard)
+    prefix = cfg.output_prefix + (shard_suffix(shard) if shard else "")
+    outs = output_paths(prefix)
     if any(p.exists() for p in outs.values()) and not cfg.overwrite:
         raise FileExistsError(
-            f"{cfg.output_prefix}: output exists ({', '.join(p.name for p in outs.values() if p.exists())}); "
+            f"{prefix}: output exists ({', '.join(p.name for p in outs.values() if p.exists())}); "
             "use overwrite"
         )
     paths = expand_inputs(cfg.inputs)
     tok = cached_tokenizer(cfg.tokenizer, cfg.tokenizer_backend)  # load (and validate) before forking
-    chunks = plan_chunks(paths, cfg.workers, cfg.chunk_mb)
+    chunks = plan_chunks(paths, cfg.workers, cfg.chunk_mb, shard)
     t0 = time.perf_counter()
     with staging_dir(outs["bin"]) as tmp:
         tasks = [_ChunkTask(c, str(tmp / f"shard_{c.index:06d}"), cfg) for c in chunks]
@@ -143,14 +158,19 @@ def prepare_pretrain(cfg: PretrainPrepConfig) -> dict[str, Any]:
         t_tok = time.perf_counter() - t0
         n_sequences = merge_shards([t.shard_prefix for t in tasks], tmp / "merged", tok.token_dtype())
         files, _ = merge_chunk_stats(paths, chunks, results)
+        if shard is not None:  # only the files this shard read, each with the range it covered
+            ranges = file_ranges(chunks)
+            files = [f for f in files if f.path in ranges]
         elapsed = time.perf_counter() - t0
         manifest = build_manifest(
             "prepare-pretrain",
             cfg,
             files,
             tokenizer=tok.identity(),
+            **({"shard": {"index": shard[0], "count": shard[1], "inputs": [str(p) for p in paths],
+                          "ranges": ranges}} if shard else {}),
             output={
-                "prefix": os.fspath(cfg.output_prefix),
+                "prefix": prefix,
                 "dtype": np.dtype(tok.token_dtype()).name,
                 "bos_written": cfg.add_bos,
                 "eod_id": tok.eod_id,
@@ -165,4 +185,5 @@ def prepare_pretrain(cfg: PretrainPrepConfig) -> dict[str, Any]:
     for f in files:
         for msg in f.messages()[:5]:
             log.warning("skipped %s", msg)
+    report_damage(manifest, cfg.strict, log)
     return manifest

@@ -1,9 +1,19 @@
 """``prepare sft``: chat data -> token ids + loss mask (assistant tokens only), packed into bins.
 
-Input records (JSONL/JSONL.gz/Parquet) hold either ``messages`` (``[{"role": "system"|"user"|
-"assistant", "content": str}, ...]``: optional system first, then user/assistant alternating, ending
-with assistant) or a pair ``input``/``output`` (optionally ``instruction``, prepended to the input with a
-blank line, and ``system``). Field names are configurable.
+Input records (JSONL, plain or .gz/.zst/.xz, or Parquet) come in one of four layouts (field names are
+configurable); the manifest counts the layouts of each file (``files[].layouts``):
+
+* ``messages``: ``[{"role": "system"|"user"|"assistant", "content": str}, ...]``: optional system first,
+  then user/assistant alternating, ending with assistant;
+* ``sharegpt``: ``conversations: [{"from": "system"|"human"|"gpt", "value": str}, ...]`` (``user`` and
+  ``assistant`` are accepted for ``from`` too), mapped role by role to ``messages``; a top-level
+  ``system`` string is the system message when the conversation has none;
+* ``alpaca``: ``instruction``, ``input`` (may be empty), ``output``, optional ``system``. Mapped to one user
+  message ``instruction + "\n\n" + input`` (just ``instruction`` when ``input`` is empty) and one
+  assistant message ``output``: the content of the Alpaca prompt's ``### Instruction:`` and
+  ``### Input:`` sections, separated by the blank line that prompt puts between them, without its
+  preamble and ``###`` headers, because the chat template marks the turns instead;
+* ``input_output``: ``input`` and ``output`` without ``instruction`` (user = input).
 
 Templates (``template``):
 
@@ -32,6 +42,7 @@ Output directory (published atomically; ``manifest.json`` is written last):
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -49,7 +60,7 @@ from clinmega.data.indexed import (
     new_builder,
     sequence_lengths,
 )
-from clinmega.data.manifest import FileStats, build_manifest, merge_chunk_stats
+from clinmega.data.manifest import FileStats, build_manifest, merge_chunk_stats, report_damage
 from clinmega.data.packing import pack_ffd, packing_report
 from clinmega.data.parallel import run_chunk_tasks
 from clinmega.data.readers import (
@@ -73,16 +84,52 @@ class ConversationError(ValueError):
         self.detail = detail
 
 
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+
+
+def record_layout(obj: dict[str, Any], cfg: SFTPrepConfig) -> str:
+    """``messages`` | ``sharegpt`` | ``alpaca`` | ``input_output`` | ``unknown`` (see module doc)."""
+    if get_field(obj, cfg.messages_field) is not None:
+        return "messages"
+    if get_field(obj, cfg.conversations_field) is not None:
+        return "sharegpt"
+    if get_field(obj, cfg.output_field) is not None:
+        return "alpaca" if get_field(obj, cfg.instruction_field) is not None else "input_output"
+    return "unknown"
+
+
+def sharegpt_messages(turns: Any, system: Any, cfg: SFTPrepConfig) -> list[Any]:
+    """ShareGPT ``conversations`` as ``messages`` (roles mapped by ``SHAREGPT_ROLES``)."""
+    if not isinstance(turns, list):
+        raise ConversationError("wrong_type", f"{cfg.conversations_field!r} is {type(turns).__name__}, expected list")
+    msgs: list[Any] = []
+    for i, t in enumerate(turns):
+        if not isinstance(t, dict) or "from" not in t or "value" not in t:
+            raise ConversationError("invalid_conversation", f"turn {i}: expected an object with 'from' and 'value'")
+        if t["from"] not in SHAREGPT_ROLES:
+            raise ConversationError(
+                "invalid_conversation", f"turn {i}: unknown 'from' {t['from']!r} (expected one of {sorted(SHAREGPT_ROLES)})"
+            )
+        msgs.append({"role": SHAREGPT_ROLES[t["from"]], "content": t["value"]})
+    if isinstance(system, str) and system and not (msgs and msgs[0]["role"] == "system"):
+        msgs.insert(0, {"role": "system", "content": system})
+    return msgs
+
+
 def to_messages(obj: dict[str, Any], cfg: SFTPrepConfig) -> list[dict[str, str]]:
-    """The record as a validated message list (see module doc); raises ConversationError."""
+    """The record, in any layout of the module doc, as a validated message list; raises ConversationError."""
     msgs = get_field(obj, cfg.messages_field)
+    if msgs is None and get_field(obj, cfg.conversations_field) is not None:
+        msgs = sharegpt_messages(get_field(obj, cfg.conversations_field), get_field(obj, cfg.system_field), cfg)
     if msgs is None:
         out = get_field(obj, cfg.output_field)
         inp = get_field(obj, cfg.input_field)
         instruction = get_field(obj, cfg.instruction_field)
         if out is None or (inp is None and instruction is None):
             raise ConversationError(
-                "missing_field", f"no {cfg.messages_field!r} and no {cfg.input_field!r}/{cfg.output_field!r} pair"
+                "missing_field",
+                f"no {cfg.messages_field!r}, no {cfg.conversations_field!r} and no "
+                f"{cfg.input_field!r}/{cfg.instruction_field!r} + {cfg.output_field!r}",
             )
         for key, val in ((cfg.input_field, inp), (cfg.instruction_field, instruction), (cfg.output_field, out)):
             if val is not None and not isinstance(val, str):
@@ -226,9 +273,9 @@ class _Task:
     cfg: SFTPrepConfig
 
 
-def _sft_chunk(task: _Task) -> tuple[FileStats, int]:
+def _sft_chunk(task: _Task) -> tuple[FileStats, int, dict[str, int]]:
     """Worker: encode one chunk into shards ``<shard>.tokens`` and ``<shard>.mask``.
-    Returns (stats, number of truncated samples)."""
+    Returns (stats, number of truncated samples, records per layout)."""
     cfg = task.cfg
     tok = cached_tokenizer(cfg.tokenizer, cfg.tokenizer_backend)
     template = make_template(cfg.template, tok)
@@ -236,11 +283,14 @@ def _sft_chunk(task: _Task) -> tuple[FileStats, int]:
     tokens_b = new_builder(task.shard + ".tokens", tok.token_dtype())
     mask_b = new_builder(task.shard + ".mask", np.uint8)
     truncated = 0
-    for rec in iter_objects(task.chunk):
+    layouts: dict[str, int] = {}
+    for rec in iter_objects(task.chunk, damage=stats.damaged):
         stats.documents_read += 1
         if rec.reason is not None:
             stats.skip(rec.line, rec.reason, rec.detail)
             continue
+        layout = record_layout(rec.value, cfg)
+        layouts[layout] = layouts.get(layout, 0) + 1
         try:
             ids, mask = template.encode(to_messages(rec.value, cfg))
             ids, mask, cut = truncate(ids, mask, cfg.seq_length + 1, cfg.truncation)
@@ -257,7 +307,7 @@ def _sft_chunk(task: _Task) -> tuple[FileStats, int]:
         stats.tokens += len(ids)
     finish(tokens_b, task.shard + ".tokens")
     finish(mask_b, task.shard + ".mask")
-    return stats, truncated
+    return stats, truncated, layouts
 
 
 def prepare_sft(cfg: SFTPrepConfig) -> dict[str, Any]:
@@ -299,8 +349,13 @@ def prepare_sft(cfg: SFTPrepConfig) -> dict[str, Any]:
             packing=packing_report(positions, bin_offsets, cfg.seq_length),
             timing={"seconds": round(time.perf_counter() - t0, 3)},
         )
+        for chunk, (_, _, layouts) in zip(chunks, results):
+            entry = manifest["files"][chunk.file_index].setdefault("layouts", {})
+            for name, n in layouts.items():
+                entry[name] = entry.get(name, 0) + n
         write_json_atomic(out / "manifest.json", manifest)
         publish_dir(out, final, cfg.overwrite)
+    report_damage(manifest, cfg.strict, logging.getLogger(__name__))
     return manifest
 
 

@@ -17,6 +17,14 @@ below through the ``nemo_run.cli`` entry-point group (``pyproject.toml``)::
     nemo clinmega train recipe=recipes/tiny_cpu_cpt.yaml "overrides=['train.steps=5']"
 
 Slurm jobs launch one task per GPU with ``srun`` (no torchrun): clinmega reads the Slurm variables.
+
+A corpus larger than one node is prepared as ``N`` shard jobs and one merge job that depends on them::
+
+    with run.Experiment("prepare-clinical") as exp:
+        cm.add_sharded_prepare(exp, ["--config", "data.yaml", "--output-prefix", "data/clinical"],
+                               shards=8, executor=cm.slurm_executor(..., gpus_per_node=0),
+                               merge_prefix="data/clinical")
+        exp.run()        # shards in parallel (Slurm dependencies), then `clinmega prepare merge`
 """
 
 from __future__ import annotations
@@ -55,6 +63,29 @@ def train_partial(recipe: str, overrides: Sequence[str] = ()) -> run.Partial:
 # Every job's environment: megatron-core's tensor/sequence-parallel communication overlap needs
 # kernels in issue order (the same default as containers/slurm and containers/Dockerfile).
 LAUNCH_ENV = {"CUDA_DEVICE_MAX_CONNECTIONS": "1"}
+
+
+def add_sharded_prepare(exp: run.Experiment, args: Sequence[str], shards: int, executor: run.Executor,
+                        verb: str = "pretrain", merge_prefix: Optional[str] = None,
+                        python: str = "python") -> list[str]:
+    """Add ``clinmega prepare pretrain <args> --shard i/N`` for i < ``shards`` (``verb="decontaminate"``:
+    ``clinmega decontaminate ...``) to ``exp``, and, with ``merge_prefix``, a ``clinmega prepare merge``
+    job that depends on all of them. Returns the job ids (shards first). Run with ``exp.run()`` (not
+    sequential): the shards run in parallel, the merge after them."""
+    if verb not in ("pretrain", "decontaminate"):
+        raise ValueError(f"verb must be 'pretrain' or 'decontaminate', got {verb!r}")
+    if merge_prefix is not None and verb != "pretrain":
+        raise ValueError("only 'prepare pretrain' shards are merged")
+    head = ("prepare", ["pretrain"]) if verb == "pretrain" else ("decontaminate", [])
+    ids = [
+        exp.add(verb_task(head[0], [*head[1], *args, "--shard", f"{i}/{shards}"], python=python),
+                executor=executor.clone(), name=f"{verb}-{i:05d}-of-{shards:05d}")
+        for i in range(shards)
+    ]
+    if merge_prefix is not None:
+        merge = verb_task("prepare", ["merge", "--output-prefix", merge_prefix], python=python)
+        ids.append(exp.add(merge, executor=executor.clone(), name="merge", dependencies=list(ids)))
+    return ids
 
 
 def local_executor(nproc_per_node: int = 1) -> run.LocalExecutor:
