@@ -22,10 +22,11 @@ from megatron.core.dist_checkpointing.mapping import is_main_replica
 from clinmega.config.errors import ConfigError
 from clinmega.config.schema import ModelConfig, ParallelConfig, PrecisionConfig, RuntimeConfig
 from clinmega.conversion import dtypes, staging
-from clinmega.conversion.checkpoint_info import ASSETS_DIR, hf_model_config, write_info
+from clinmega.checkpoints import write_checkpoint_info
+from clinmega.conversion.checkpoint_info import hf_model_config
 from clinmega.conversion.dist_io import save_produced
 from clinmega.conversion.errors import ConversionError
-from clinmega.conversion.hf_io import ASSET_FILES, HFReader, copy_assets
+from clinmega.conversion.hf_io import HFReader
 from clinmega.conversion.mapping import Mapping, mapping_table, units
 from clinmega.conversion.prefetch import Prefetcher, ReusedBuffers, exact_storage
 from clinmega.conversion.progress import Summary, Tracker
@@ -161,9 +162,12 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, parallel: ParallelConfig 
               dtype: str | None = None, *, allow_downcast: bool = False,
               allow_pickle: bool = False, overwrite: bool = False,
               transformer_impl: str = "auto", progress: bool = True,
-              runtime: RuntimeConfig | None = None) -> Summary:
+              runtime: RuntimeConfig | None = None,
+              tokenizer: str | Path | None = None) -> Summary:
     """Convert the HF model in ``hf_dir`` into a megatron-core distributed checkpoint at
-    ``out_dir`` loadable at ``parallel`` (and any other layout).
+    ``out_dir`` loadable at ``parallel`` (and any other layout). The checkpoint describes itself
+    (``clinmega.checkpoints``): model config, HF config, the tokenizer files of ``tokenizer`` (a
+    folder; default ``hf_dir``) and where it came from.
 
     Collective when torch.distributed is initialised with several ranks (each writes its shards
     of ``parallel``); otherwise a single process initialises a one-rank group itself.
@@ -177,6 +181,9 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, parallel: ParallelConfig 
         impl = resolve_transformer_impl(transformer_impl)
     except ConfigError as err:
         raise ConversionError(f"{hf_dir}: {err}") from None
+    assets = Path(tokenizer) if tokenizer is not None else hf_dir
+    if not assets.is_dir():
+        raise ConversionError(f"{assets}: tokenizer folder does not exist")
     reader = HFReader(hf_dir, allow_pickle=allow_pickle)
     table = mapping_table(cfg)
     validate_hf(reader, cfg, table)
@@ -202,10 +209,10 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, parallel: ParallelConfig 
         dist.barrier()
         save_produced(sharded, tmp, producer)
         if rank0:
-            write_info(tmp, cfg, source=str(hf_dir.resolve()), dtype=dtypes.NAMES[out_dtype],
-                       parallel=dataclasses.asdict(parallel), transformer_impl=impl)
-            (tmp / ASSETS_DIR).mkdir()
-            copy_assets(hf_dir, tmp / ASSETS_DIR, (*ASSET_FILES, "config.json"))
+            write_checkpoint_info(tmp, cfg, dict(
+                kind="import-hf", source=str(hf_dir.resolve()), tokenizer=str(assets.resolve()),
+                dtype=dtypes.NAMES[out_dtype], parallel=dataclasses.asdict(parallel),
+                transformer_impl=impl), assets, dtypes.HF_NAMES[out_dtype])
         dist.barrier()
         if rank0:
             staging.commit(out_dir)
