@@ -15,7 +15,6 @@ from clinmega.checkpoints import METADATA_FILE
 from clinmega.config import ParallelConfig
 from clinmega.conversion import ConversionError, export_hf, import_hf
 from clinmega.conversion import importer as importer_module
-
 from clinmega.conversion.checkpoint_info import hf_model_config
 from clinmega.cli import main as clinmega_main
 from clinmega.conversion.dist_io import DistCheckpointReader
