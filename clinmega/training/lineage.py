@@ -28,6 +28,7 @@ from clinmega.checkpoints import (
 )
 from clinmega.config import ConfigError
 from clinmega.config.loader import peek
+from clinmega.models import resolve_transformer_impl
 
 log = logging.getLogger(__name__)
 ALLOW_KEY = "checkpoint.allow_config_change"
@@ -101,7 +102,7 @@ def file_sha256(path: Path) -> str:
 
 def data_manifests(data) -> dict[str, str]:
     """sha256 of the manifests of the prepared data a run reads (``data`` is a DataConfig)."""
-    from clinmega.data.pretrain import output_paths
+    from clinmega.data.pretrain import output_paths  # data sits below training; imported when used
 
     paths = [output_paths(p)["manifest"] for p in data.prefixes] if data.kind == "indexed" else []
     if data.kind == "sft":
@@ -117,7 +118,9 @@ def provenance(cfg, source: StartSource) -> dict[str, Any]:
         "source_checkpoint": str(source.directory.resolve()) if source.directory else None,
         "parent": parent, "config_changes": source.changes,
         "allow_config_change": list(cfg.checkpoint.allow_config_change),
-        "data_manifests": data_manifests(cfg.data), "experiment": dataclasses.asdict(cfg),
+        "data_manifests": data_manifests(cfg.data), "dtype": cfg.precision.dtype,
+        "transformer_impl": resolve_transformer_impl(cfg.runtime.transformer_impl),
+        "experiment": dataclasses.asdict(cfg),
     }
     if source.resumed and parent:  # the same run continued: keep its origin, not a chain of itself
         record.update(source_checkpoint=parent.get("source_checkpoint"), parent=parent.get("parent"),
