@@ -92,14 +92,6 @@ def start_source(cfg, root: Path) -> StartSource:
     return StartSource(directory, resumed, info, changes)
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def data_manifests(data) -> dict[str, str]:
     """sha256 of the manifests of the prepared data a run reads (``data`` is a DataConfig)."""
     from clinmega.data.pretrain import output_paths  # data sits below training; imported when used
@@ -107,7 +99,12 @@ def data_manifests(data) -> dict[str, str]:
     paths = [output_paths(p)["manifest"] for p in data.prefixes] if data.kind == "indexed" else []
     if data.kind == "sft":
         paths += [Path(p) / "manifest.json" for p in (data.sft_path, data.sft_valid_path) if p]
-    return {str(p): file_sha256(p) for p in paths if p.is_file()}
+    digests = {}
+    for path in paths:
+        if path.is_file():
+            with open(path, "rb") as f:
+                digests[str(path)] = hashlib.file_digest(f, "sha256").hexdigest()
+    return digests
 
 
 def provenance(cfg, source: StartSource) -> dict[str, Any]:
