@@ -86,6 +86,9 @@ def _layers(sources: Iterable[Source], overrides: Iterable[str]) -> list[tuple[D
     return layers
 
 
+_NOT_SET = object()
+
+
 def peek(sources: Iterable[Source], overrides: Iterable[str], key: str, default: Any = None) -> Any:
     """The value the user's files and overrides give ``key`` (last one wins), before any schema is
     applied: for decisions that must precede loading (e.g. which checkpoint supplies the model)."""
@@ -95,9 +98,6 @@ def peek(sources: Iterable[Source], overrides: Iterable[str], key: str, default:
         if found is not _NOT_SET:
             value = OmegaConf.to_object(found) if isinstance(found, DictConfig) else found
     return value
-
-
-_NOT_SET = object()
 
 
 def load_config(schema: type[T], sources: Iterable[Source] = (), overrides: Iterable[str] = (),

@@ -1,7 +1,8 @@
 """``train(cfg)``: the CPT / SFT training loop, top to bottom.
 
 1. runtime (process groups, parallel state, seeds); 2. model chunks (+ weights of
-``checkpoint.load_weights``, weights only, after checking the model against the one it records) wrapped in megatron DDP; 3. optimizer + LR schedule; 4. resume from
+``checkpoint.load_weights``, weights only; the model is checked against the one the checkpoint
+records) wrapped in megatron DDP; 3. optimizer + LR schedule; 4. resume from
 ``<checkpoint dir>/latest`` if there is one; 5. per step: this DP rank's microbatches of the global
 batch through megatron-core's schedule (any PP / virtual PP), NaN/inf check, optimizer step, log,
 evaluate, checkpoint; SIGTERM saves and exits. Returns a summary dict.
