@@ -11,10 +11,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import conversion_cases as cc
+from clinmega.checkpoints import METADATA_FILE
 from clinmega.config import ParallelConfig
 from clinmega.conversion import ConversionError, export_hf, import_hf
 from clinmega.conversion import importer as importer_module
-from clinmega.conversion.checkpoint_info import INFO_FILE, hf_model_config
+from clinmega.conversion.checkpoint_info import hf_model_config
 from clinmega.cli import main as clinmega_main
 from clinmega.conversion.dist_io import DistCheckpointReader
 from clinmega.conversion.hf_io import SafetensorsWriter
@@ -195,8 +196,9 @@ def test_export_bad_checkpoints(source, tmp_path):
     with pytest.raises(ConversionError, match=r"hf: not a megatron-core distributed checkpoint"):
         export_hf(source[0], tmp_path / "out", progress=False)
     bare = shutil.copytree(source[1], tmp_path / "bare")
-    (bare / INFO_FILE).unlink()
-    with pytest.raises(ConversionError, match=rf"{INFO_FILE}: not found; pass the model's HF"):
+    (bare / METADATA_FILE).unlink()
+    with pytest.raises(ConversionError, match=r"bare: records no model config \(not written by "
+                                              r"clinmega\); pass the model's HF"):
         export_hf(bare, tmp_path / "out", progress=False)
     with pytest.raises(ConversionError, match=r"tensor 'decoder\.layers\.mlp\.router\.weight' is "
                                               r"missing"):

@@ -16,7 +16,9 @@ def test_register_adds_eval_subcommand():
     parser = argparse.ArgumentParser()
     cli.register(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["eval", "m", "--out", "o", "--strategies", "cot,medprompt"])
-    assert args.func is cli.run and args.backend == "hf" and args.data_dir is None
+    assert args.func is cli.run and args.backend == "auto" and args.data_dir is None
+    hf = tiny_hf_model_dir()
+    assert cli.resolve_model("auto", hf) == ("hf", hf)  # no megatron-core checkpoint there
 
 
 def test_eval_writes_json_markdown_and_chart(tmp_path):

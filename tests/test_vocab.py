@@ -19,7 +19,8 @@ from clinmega.config import ConfigError, ParallelConfig, PrecisionConfig, Runtim
 from clinmega.config.schema import ModelConfig
 from clinmega.conversion import export_hf, import_hf
 from clinmega.conversion.added_tokens import parse_tokens
-from clinmega.conversion.checkpoint_info import ASSETS_DIR, INFO_FILE, hf_model_config
+from clinmega.checkpoints import ASSETS_DIR, METADATA_FILE
+from clinmega.conversion.checkpoint_info import hf_model_config
 from clinmega.conversion.dist_io import DistCheckpointReader
 from clinmega.conversion.errors import ConversionError
 from clinmega.models import build_model, check_layout
@@ -90,9 +91,9 @@ def test_padded_import_logits_loss_and_gradients_at_tp1(padded):
         assert stored.shape(key) == (32128, cfg.hidden_size)  # 32003 -> a multiple of 128
         pad = stored.read(key, (vc.VOCAB, 0), (32128 - vc.VOCAB, cfg.hidden_size))
         assert pad.eq(0).all()
-    info = json.loads((root / "tp1" / INFO_FILE).read_text())
+    info = json.loads((root / "tp1" / METADATA_FILE).read_text())
     assert info["model"]["vocab_size"] == vc.VOCAB
-    assert info["vocabulary"]["padded_vocab_size"] == 32128
+    assert info["provenance"]["vocabulary"]["padded_vocab_size"] == 32128
     init_model_parallel(ParallelConfig(), RuntimeConfig())
     logits = cc.megatron_logits(cfg, ParallelConfig(), root / "tp1", toks)
     assert logits.shape == reference.shape and (logits - reference).abs().max().item() <= TOL
@@ -153,7 +154,7 @@ def test_add_tokens_exports_a_pair_transformers_loads(padded, tmp_path):
     ckpt = tmp_path / "extended"
     import_hf(root / "hf", ckpt, progress=False, add_tokens=[NEW[0], "hypertension", "the"],
               add_special_tokens=NEW[1:])
-    info = json.loads((ckpt / INFO_FILE).read_text())["vocabulary"]
+    info = json.loads((ckpt / METADATA_FILE).read_text())["provenance"]["vocabulary"]
     new_ids = {NEW[0]: vc.VOCAB, NEW[1]: vc.VOCAB + 1}
     assert info["added_tokens"] == new_ids and info["vocab_size"] == vc.VOCAB + 2
     assert set(info["already_present"]) == {"hypertension", "the"}  # skipped, ids unchanged
@@ -189,7 +190,7 @@ def test_add_tokens_exports_a_pair_transformers_loads(padded, tmp_path):
     # With the source's config (32,003) the added rows would be cut off: refused.
     with pytest.raises(ConversionError, match="vocabulary has 32005 tokens .* vocab_size=32003"):
         export_hf(ckpt, tmp_path / "cut", hf_model_config(root / "hf"), progress=False)
-    (ckpt / INFO_FILE).unlink()  # no record: the stored rows must still be a padding of 32,003
+    (ckpt / METADATA_FILE).unlink()  # no record: the stored rows must still be a padding of 32,003
     with pytest.raises(ConversionError, match="or 31877 padded for a tensor-parallel size"):
         export_hf(ckpt, tmp_path / "cut", with_vocab(hf_model_config(root / "hf"), 32005 - 128),
                   progress=False)

@@ -71,11 +71,7 @@ def _strip_presets(schema: type, layer: DictConfig) -> DictConfig:
     return layer
 
 
-def load_config(schema: type[T], sources: Iterable[Source] = (), overrides: Iterable[str] = ()) -> T:
-    """Build a ``schema`` instance from YAML files / mappings and dotlist overrides.
-
-    Raises :class:`ConfigError` naming the key path for unknown keys, wrong types, bad values.
-    """
+def _layers(sources: Iterable[Source], overrides: Iterable[str]) -> list[tuple[DictConfig, str]]:
     layers: list[tuple[DictConfig, str]] = [(_read(s), str(s) if not isinstance(s, Mapping) else "mapping")
                                             for s in sources]
     overrides = list(overrides)
@@ -87,10 +83,37 @@ def load_config(schema: type[T], sources: Iterable[Source] = (), overrides: Iter
     except OmegaConfBaseException as err:
         raise _wrap(err, "command-line override") from err
     layers.append((dot, "command-line override"))
+    return layers
 
+
+_NOT_SET = object()
+
+
+def peek(sources: Iterable[Source], overrides: Iterable[str], key: str, default: Any = None) -> Any:
+    """The value the user's files and overrides give ``key`` (last one wins), before any schema is
+    applied: for decisions that must precede loading (e.g. which checkpoint supplies the model)."""
+    value = default
+    for layer, _ in _layers(sources, overrides):
+        found = OmegaConf.select(layer, key, default=_NOT_SET)
+        if found is not _NOT_SET:
+            value = OmegaConf.to_object(found) if isinstance(found, DictConfig) else found
+    return value
+
+
+def load_config(schema: type[T], sources: Iterable[Source] = (), overrides: Iterable[str] = (),
+                base: Mapping[str, Any] | None = None) -> T:
+    """Build a ``schema`` instance from YAML files / mappings and dotlist overrides.
+
+    ``base`` (e.g. the model a checkpoint records) is applied over the schema defaults and under a
+    ``model.preset`` and everything the user gives. Raises :class:`ConfigError` naming the key path
+    for unknown keys, wrong types, bad values.
+    """
+    layers = _layers(sources, overrides)
     merged = OmegaConf.structured(schema)
     presets = _preset_layer(schema, [layer for layer, _ in layers])
     try:
+        if base:
+            merged = OmegaConf.merge(merged, base)
         merged = OmegaConf.merge(merged, presets)
     except OmegaConfBaseException as err:
         raise _wrap(err, "model preset") from err

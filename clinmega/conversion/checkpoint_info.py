@@ -1,24 +1,14 @@
-"""What import records next to the distributed checkpoint, so export needs no extra arguments."""
+"""The model a checkpoint holds, as conversion needs it (errors as :class:`ConversionError`)."""
 
 from __future__ import annotations
 
-import dataclasses
-import json
 from pathlib import Path
 
+from clinmega.checkpoints import CheckpointInfo, read_checkpoint_info, resolve_checkpoint
 from clinmega.config.errors import ConfigError
 from clinmega.config.schema import ModelConfig
 from clinmega.conversion.errors import ConversionError
 from clinmega.models.hf import from_hf_config
-
-INFO_FILE = "clinmega_conversion.json"   # model config, source, dtype, layout
-ASSETS_DIR = "hf_assets"                 # tokenizer + generation config of the source model
-
-
-def write_info(directory: Path, model: ModelConfig, **fields) -> None:
-    info = {"format": "megatron-core torch_dist model weights", "model": dataclasses.asdict(model),
-            **fields}
-    (directory / INFO_FILE).write_text(json.dumps(info, indent=2, default=str) + "\n")
 
 
 def hf_model_config(path: str | Path) -> ModelConfig:
@@ -29,13 +19,20 @@ def hf_model_config(path: str | Path) -> ModelConfig:
         raise ConversionError(str(err)) from None
 
 
-def read_model_config(ckpt_dir: str | Path) -> ModelConfig:
-    """The ModelConfig recorded by import in ``ckpt_dir``."""
-    path = Path(ckpt_dir) / INFO_FILE
-    if not path.is_file():
-        raise ConversionError(f"{path}: not found; pass the model's HF config (--config) or a "
-                              "preset (--preset) to say which architecture the checkpoint holds")
+def resolve_described(path: str | Path) -> CheckpointInfo:
+    """The newest complete checkpoint ``path`` names (run dir, checkpoint root or checkpoint) and
+    what it records about itself."""
     try:
-        return ModelConfig(**json.loads(path.read_text())["model"])
-    except (json.JSONDecodeError, KeyError, TypeError, ConfigError) as err:
-        raise ConversionError(f"{path}: invalid model description: {err}") from None
+        return read_checkpoint_info(resolve_checkpoint(path))
+    except ConfigError as err:
+        raise ConversionError(str(err)) from None
+
+
+def read_model_config(ckpt_dir: str | Path) -> ModelConfig:
+    """The ModelConfig recorded in checkpoint ``ckpt_dir``."""
+    info = resolve_described(ckpt_dir)
+    if info.model is None:
+        raise ConversionError(f"{info.directory}: records no model config (not written by "
+                              "clinmega); pass the model's HF config (--config) or a preset "
+                              "(--preset) to say which architecture the checkpoint holds")
+    return info.model

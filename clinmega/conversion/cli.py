@@ -47,6 +47,9 @@ def add_import_arguments(parser: argparse.ArgumentParser) -> None:
     layout.add_argument("--ep", type=int, default=1, help="expert parallel size")
     layout.add_argument("--etp", type=int, default=None,
                         help="expert tensor parallel size (default: --tp)")
+    parser.add_argument("--tokenizer", default=None,
+                        help="folder with the tokenizer / generation_config files to carry in the "
+                             "checkpoint (default: hf_dir's)")
     parser.add_argument("--allow-pickle", action="store_true",
                         help="read pytorch_model*.bin (torch.load weights_only=True)")
     parser.add_argument("--transformer-impl", choices=TRANSFORMER_IMPLS, default="auto",
@@ -65,14 +68,15 @@ def add_import_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_export_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("ckpt_dir", help="megatron-core distributed checkpoint folder")
+    parser.add_argument("ckpt_dir", help="a train run directory, checkpoint root or checkpoint "
+                                         "folder (its newest complete checkpoint is exported)")
     parser.add_argument("out_dir", help="output HF model folder")
     model = parser.add_mutually_exclusive_group()
     model.add_argument("--config", help="HF config.json (or its folder) of the architecture "
-                                        "(default: the one import recorded in the checkpoint)")
+                                        "(default: the one the checkpoint records)")
     model.add_argument("--preset", help="clinmega model preset name instead of --config")
     parser.add_argument("--tokenizer", help="folder with tokenizer / generation_config files "
-                                            "(default: <ckpt_dir>/hf_assets)")
+                                            "(default: the checkpoint's hf_assets)")
     parser.add_argument("--max-shard-size", type=parse_size, default=parse_size("5GB"),
                         help="largest safetensors shard (default 5GB)")
     _common(parser)
@@ -101,7 +105,7 @@ def run_import(args: argparse.Namespace) -> int:
                                  allow_pickle=args.allow_pickle, overwrite=args.overwrite,
                                  transformer_impl=args.transformer_impl,
                                  progress=args.progress, add_tokens=add_tokens,
-                                 add_special_tokens=add_special))
+                                 add_special_tokens=add_special, tokenizer=args.tokenizer))
     except (ConversionError, ConfigError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

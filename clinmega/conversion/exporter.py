@@ -8,16 +8,18 @@ largest single tensor whatever the model size. Runs on one process, no process g
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
 
+from clinmega.checkpoints import METADATA_FILE, CheckpointInfo, copy_assets
 from clinmega.config.schema import ModelConfig
 from clinmega.conversion import dtypes, staging
-from clinmega.conversion.checkpoint_info import ASSETS_DIR, INFO_FILE, read_model_config
+from clinmega.conversion.checkpoint_info import resolve_described
 from clinmega.conversion.dist_io import DistCheckpointReader
 from clinmega.conversion.errors import ConversionError
-from clinmega.conversion.hf_io import PlannedTensor, SafetensorsWriter, copy_assets, write_json
+from clinmega.conversion.hf_io import PlannedTensor, SafetensorsWriter, write_json
 from clinmega.conversion.mapping import (EXPERT, LAYER, Mapping, Unit, VocabRows, mapping_table,
                                          units)
 from clinmega.conversion.prefetch import Prefetcher, ReusedBuffers
@@ -36,17 +38,15 @@ def _padded_sizes(cfg: ModelConfig) -> set[int]:
 
 
 
-def _check_recorded_vocabulary(ckpt_dir: Path, cfg: ModelConfig) -> None:
-    """A config whose vocabulary differs from the one import recorded would export a cut (or
-    padded) vocabulary: e.g. the source model's config for a checkpoint with added tokens."""
-    if not (ckpt_dir / INFO_FILE).is_file():
+def _check_recorded_vocabulary(info: CheckpointInfo, cfg: ModelConfig) -> None:
+    """A config whose vocabulary differs from the one the checkpoint recorded would export a cut
+    (or padded) vocabulary: e.g. the source model's config for a checkpoint with added tokens."""
+    if info.model is None or info.model.vocab_size == cfg.vocab_size:
         return
-    recorded = read_model_config(ckpt_dir).vocab_size
-    if recorded != cfg.vocab_size:
-        raise ConversionError(
-            f"{ckpt_dir / INFO_FILE}: the checkpoint's vocabulary has {recorded} tokens "
-            f"(model.vocab_size), the model config given has vocab_size={cfg.vocab_size}; export "
-            "without --config/--preset to use the recorded one")
+    raise ConversionError(
+        f"{info.directory / METADATA_FILE}: the checkpoint's vocabulary has "
+        f"{info.model.vocab_size} tokens (model.vocab_size), the model config given has "
+        f"vocab_size={cfg.vocab_size}; export without --config/--preset to use the recorded one")
 
 
 def stored_keys(reader: DistCheckpointReader, cfg: ModelConfig,
@@ -89,14 +89,19 @@ def export_hf(ckpt_dir: str | Path, out_dir: str | Path, model: ModelConfig | No
               max_shard_bytes: int = 5 * 10**9, progress: bool = True) -> Summary:
     """Write the model in distributed checkpoint ``ckpt_dir`` as a HF folder ``out_dir``.
 
-    ``model`` defaults to the config import recorded in the checkpoint; ``dtype`` to the stored
-    embedding dtype; tokenizer and generation config come from ``assets`` or the files import
-    kept in ``<ckpt_dir>/hf_assets``.
+    ``ckpt_dir`` may be a run directory or checkpoint root: its newest complete checkpoint is
+    exported. ``model`` defaults to the config the checkpoint records; ``dtype`` to the stored
+    embedding dtype; tokenizer and generation config come from ``assets`` or the checkpoint's
+    ``hf_assets``; its provenance is kept as ``clinmega_checkpoint.json``.
     """
-    ckpt_dir, out_dir = Path(ckpt_dir), Path(out_dir)
+    info = resolve_described(ckpt_dir)
+    ckpt_dir, out_dir = info.directory, Path(out_dir)
     reader = DistCheckpointReader(ckpt_dir)
-    cfg = model or read_model_config(ckpt_dir)
-    _check_recorded_vocabulary(ckpt_dir, cfg)
+    if model is None and info.model is None:
+        raise ConversionError(f"{ckpt_dir}: records no model config (not written by clinmega); "
+                              "pass the model's HF config (--config) or a preset (--preset)")
+    cfg = model or info.model
+    _check_recorded_vocabulary(info, cfg)
     table = mapping_table(cfg)
     keys = stored_keys(reader, cfg, table)
     out_dtype = dtypes.parse(dtype) or reader.dtype(keys[table[0]])
@@ -105,7 +110,7 @@ def export_hf(ckpt_dir: str | Path, out_dir: str | Path, model: ModelConfig | No
     planned = [PlannedTensor(name, shape, out_dtype) for u in plan
                for name, shape in zip(u.hf_names, u.mapping.hf_shapes)]
     if assets is None:
-        assets = ckpt_dir / ASSETS_DIR if (ckpt_dir / ASSETS_DIR).is_dir() else None
+        assets = info.assets
     elif not Path(assets).is_dir():
         raise ConversionError(f"{assets}: tokenizer/assets folder does not exist")
     tracker = Tracker(f"export {ckpt_dir.name}", str(out_dir),
@@ -139,6 +144,8 @@ def export_hf(ckpt_dir: str | Path, out_dir: str | Path, model: ModelConfig | No
             hf_config = to_hf_config(cfg, torch_dtype=dtypes.HF_NAMES[out_dtype])
             write_json(tmp / "config.json", hf_config)
             copied = copy_assets(assets, tmp)
+            if (ckpt_dir / METADATA_FILE).is_file():  # where the weights came from
+                shutil.copy2(ckpt_dir / METADATA_FILE, tmp / METADATA_FILE)
             if "generation_config.json" not in copied:
                 write_json(tmp / "generation_config.json",
                            {"bos_token_id": hf_config["bos_token_id"],

@@ -19,11 +19,10 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import torch
 
@@ -35,9 +34,6 @@ SAFETENSORS_SINGLE = "model.safetensors"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
 PICKLE_SINGLE = "pytorch_model.bin"
 # Files copied next to the weights (tokenizer and generation settings), when present.
-ASSET_FILES = ("generation_config.json", "tokenizer.model", "tokenizer.json",
-               "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-               "tekken.json", "chat_template.jinja", "chat_template.json")
 
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16,
           "F16": torch.float16, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
@@ -252,20 +248,6 @@ class SafetensorsWriter:
             total = sum(t.nbytes for shard in self.shards for t in shard)
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (self.folder / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
-
-
-def copy_assets(source: str | Path | None, dest: str | Path,
-                names: Iterable[str] = ASSET_FILES) -> list[str]:
-    """Copy the tokenizer / generation-config files present in ``source``; returns their names."""
-    if source is None:
-        return []
-    source = Path(source)
-    copied = []
-    for name in names:
-        if (source / name).is_file():
-            shutil.copy2(source / name, Path(dest) / name)
-            copied.append(name)
-    return copied
 
 
 def write_json(path: str | Path, data: dict) -> None:

@@ -11,7 +11,6 @@ layout; the requested layout is still checked against the model. On N ranks (tor
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Sequence
 
@@ -24,11 +23,12 @@ from megatron.core.dist_checkpointing.mapping import is_main_replica
 from clinmega.config.errors import ConfigError
 from clinmega.config.schema import ModelConfig, ParallelConfig, PrecisionConfig, RuntimeConfig
 from clinmega.conversion import dtypes, staging
+from clinmega.checkpoints import ASSETS_DIR, copy_assets, write_checkpoint_info
 from clinmega.conversion.added_tokens import ExtendedTokenizer, extend_tokenizer
-from clinmega.conversion.checkpoint_info import ASSETS_DIR, hf_model_config, write_info
+from clinmega.conversion.checkpoint_info import hf_model_config
 from clinmega.conversion.dist_io import save_produced
 from clinmega.conversion.errors import ConversionError
-from clinmega.conversion.hf_io import ASSET_FILES, HFReader, copy_assets, write_json
+from clinmega.conversion.hf_io import HFReader
 from clinmega.conversion.mapping import Mapping, mapping_table, units
 from clinmega.conversion.prefetch import Prefetcher, ReusedBuffers, exact_storage
 from clinmega.conversion.progress import Summary, Tracker
@@ -161,18 +161,13 @@ def _local_bytes(sharded: dict) -> int:
                if isinstance(sh, ShardedTensor) and is_main_replica(sh.replica_id))
 
 
-def _write_assets(hf_dir: Path, assets: Path, extended: ExtendedTokenizer | None) -> None:
-    """The source's tokenizer, generation config and config.json; with added tokens, the extended
-    tokenizer (``save_pretrained``) instead of the source's tokenizer files, and config.json with
-    the new vocab_size."""
-    assets.mkdir()
-    if extended is None:
-        copy_assets(hf_dir, assets, (*ASSET_FILES, "config.json"))
-        return
+def _write_extended_assets(source: Path, assets: Path, extended: ExtendedTokenizer) -> None:
+    """The extended tokenizer (``save_pretrained``) instead of the source's tokenizer files, which
+    would shadow the added tokens, and the source's generation config; config.json (with the new
+    vocab_size) is written with the checkpoint's description."""
+    assets.mkdir(parents=True, exist_ok=True)
     extended.tokenizer.save_pretrained(str(assets))
-    copy_assets(hf_dir, assets, ("generation_config.json",))
-    hf_config = json.loads((hf_dir / "config.json").read_text())
-    write_json(assets / "config.json", {**hf_config, "vocab_size": extended.vocab_size})
+    copy_assets(source, assets, ("generation_config.json",))
 
 
 def import_hf(hf_dir: str | Path, out_dir: str | Path, parallel: ParallelConfig | None = None,
@@ -180,9 +175,12 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, parallel: ParallelConfig 
               allow_pickle: bool = False, overwrite: bool = False,
               transformer_impl: str = "auto", progress: bool = True,
               runtime: RuntimeConfig | None = None, add_tokens: Sequence[str] = (),
-              add_special_tokens: Sequence[str] = ()) -> Summary:
+              add_special_tokens: Sequence[str] = (),
+              tokenizer: str | Path | None = None) -> Summary:
     """Convert the HF model in ``hf_dir`` into a megatron-core distributed checkpoint at
-    ``out_dir`` loadable at ``parallel`` (and any other layout).
+    ``out_dir`` loadable at ``parallel`` (and any other layout). The checkpoint describes itself
+    (``clinmega.checkpoints``): model config, HF config, the tokenizer files of ``tokenizer`` (a
+    folder; default ``hf_dir``) and where it came from.
 
     The embedding and output layer are written with ``ModelConfig.padded_vocab_size`` rows for
     the layout written (zero padding rows; any layout loads them, megatron-core's embedding and
@@ -198,9 +196,12 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, parallel: ParallelConfig 
     runtime = runtime or RuntimeConfig()
     cfg = hf_model_config(hf_dir)
     hf_vocab = cfg.vocab_size
+    assets = Path(tokenizer) if tokenizer is not None else hf_dir
+    if not assets.is_dir():
+        raise ConversionError(f"{assets}: tokenizer folder does not exist")
     extended = None
     if add_tokens or add_special_tokens:
-        extended = extend_tokenizer(hf_dir, add_tokens, add_special_tokens, hf_vocab)
+        extended = extend_tokenizer(assets, add_tokens, add_special_tokens, hf_vocab)
         cfg = dataclasses.replace(cfg, vocab_size=extended.vocab_size)
     try:
         check_layout(cfg, parallel)
@@ -238,10 +239,15 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, parallel: ParallelConfig 
         if rank0:
             vocabulary = {"vocab_size": cfg.vocab_size, "padded_vocab_size": padded_vocab,
                           **(extended.record() if extended else {})}
-            write_info(tmp, cfg, source=str(hf_dir.resolve()), dtype=dtypes.NAMES[out_dtype],
-                       parallel=dataclasses.asdict(parallel), transformer_impl=impl,
-                       vocabulary=vocabulary)
-            _write_assets(hf_dir, tmp / ASSETS_DIR, extended)
+            assets_from = assets
+            if extended is not None:  # the extended tokenizer replaces the source's files
+                _write_extended_assets(assets, tmp / ASSETS_DIR, extended)
+                assets_from = None
+            write_checkpoint_info(tmp, cfg, dict(
+                kind="import-hf", source=str(hf_dir.resolve()), tokenizer=str(assets.resolve()),
+                dtype=dtypes.NAMES[out_dtype], parallel=dataclasses.asdict(parallel),
+                transformer_impl=impl, vocabulary=vocabulary), assets_from,
+                dtypes.HF_NAMES[out_dtype])
         dist.barrier()
         if rank0:
             staging.commit(out_dir)

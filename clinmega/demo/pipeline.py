@@ -68,17 +68,10 @@ def _write_recipe(path: Path, recipe: dict) -> Path:
     return path
 
 
-def _latest_checkpoint(run_dir: Path) -> Path:
-    root = run_dir / "checkpoints"
-    step = int((root / "latest").read_text().strip())
-    return root / f"iter_{step:07d}"
-
-
 def _train_recipe(opts: DemoOptions, stage: str, run_dir: Path, data: dict, load_weights: Path,
                   steps: int, lr: float, neftune: float | None) -> dict:
     return {
-        "run_dir": str(run_dir),
-        "model": {"preset": PRESET},
+        "run_dir": str(run_dir),  # no model section: the model is the one load_weights records
         "precision": {"dtype": "fp32"},
         "runtime": {"seed": opts.seed},
         "train": {"stage": stage, "steps": steps, "global_batch_size": 8, "micro_batch_size": 4,
@@ -144,15 +137,14 @@ def run_demo(opts: DemoOptions) -> dict:
     stage.run("continuous pretraining: clinical 0.8 / general 0.2", ["train", cpt])
     sft = _write_recipe(out / "recipe_sft.yaml", _train_recipe(
         opts, "sft", sft_dir, {"kind": "sft", "sft_path": str(out / "data" / "sft")},
-        _latest_checkpoint(cpt_dir), opts.sft_steps, 5e-4, 5.0))
+        cpt_dir, opts.sft_steps, 5e-4, 5.0))
     stage.run("instruct tuning with NEFTune (alpha 5)", ["train", sft])
     for run_dir in (cpt_dir, sft_dir):
         stage.run(f"plot the {run_dir.name.upper()} loss/LR curves", ["plot", run_dir])
 
     hf_sft = out / "hf-sft"
     stage.run("export the instruct-tuned checkpoint to Hugging Face safetensors",
-              ["export-hf", _latest_checkpoint(sft_dir), hf_sft, "--preset", PRESET,
-               "--tokenizer", hf_base, "--overwrite", "--no-progress"])
+              ["export-hf", sft_dir, hf_sft, "--overwrite", "--no-progress"])
     reports = {}
     for name, model in (("base", hf_base), ("sft", hf_sft)):
         stage.run(f"evaluate the {name} model with prompt strategies",

@@ -31,12 +31,16 @@ from clinmega.evaluation.strategies import PRESETS, Strategy, parse_strategy
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = subparsers.add_parser("eval", help="evaluate a model on medical benchmarks with prompt strategies",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model_dir", type=Path, help="HF model folder (--backend hf) or Megatron checkpoint (megatron)")
-    p.add_argument("--backend", choices=("hf", "megatron"), default="hf")
+    p.add_argument("model_dir", type=Path,
+                   help="HF model folder (--backend hf), or a Megatron checkpoint, checkpoint root or train run "
+                        "directory (megatron: its newest complete checkpoint)")
+    p.add_argument("--backend", choices=("auto", "hf", "megatron"), default="auto",
+                   help="auto: megatron when model_dir holds a megatron-core checkpoint, else hf")
     p.add_argument("--model-config", type=Path, default=None,
-                   help="megatron: HF config.json (or its folder) describing the checkpoint (default: model_dir)")
+                   help="megatron: HF config.json (or its folder) describing the checkpoint "
+                        "(default: the model the checkpoint records)")
     p.add_argument("--tokenizer", type=Path, default=None,
-                   help="megatron: tokenizer folder for AutoTokenizer (default: model_dir)")
+                   help="megatron: tokenizer folder for AutoTokenizer (default: the checkpoint's hf_assets)")
     p.add_argument("--tensor-parallel", type=int, default=1,
                    help="megatron: tensor-parallel ranks (launch one process per rank, e.g. torchrun)")
     p.add_argument("--expert-parallel", type=int, default=1, help="megatron: expert-parallel ranks (Mixtral)")
@@ -80,6 +84,21 @@ def build_backend(args: argparse.Namespace):
     return MegatronBackend.from_checkpoint(args.model_dir, model_config=args.model_config, tokenizer=args.tokenizer,
                                            dtype=args.dtype, batch_size=args.batch_size,
                                            tensor_parallel=args.tensor_parallel, expert_parallel=args.expert_parallel)
+
+
+def resolve_model(backend: str, model_dir: Path) -> tuple[str, Path]:
+    """(backend, model folder): a megatron checkpoint path resolved to its newest complete checkpoint;
+    ``auto`` picks megatron when ``model_dir`` holds a megatron-core checkpoint, else hf."""
+    from clinmega.checkpoints import CheckpointError, resolve_checkpoint
+
+    if backend == "hf":
+        return backend, model_dir
+    try:
+        return "megatron", resolve_checkpoint(model_dir)
+    except CheckpointError:
+        if backend == "megatron":
+            raise
+        return "hf", model_dir
 
 
 def strategies_from(args: argparse.Namespace) -> list[Strategy]:
@@ -143,6 +162,7 @@ def run(args: argparse.Namespace) -> int:
     writer = detect_world().rank == 0  # multi-rank Megatron runs: every rank computes, rank 0 writes
     say = print if writer else (lambda *a, **k: None)
     try:  # everything the user supplied is checked before a model loads
+        args.backend, args.model_dir = resolve_model(args.backend, args.model_dir)
         benchmarks = expand_benchmark_names([b.strip() for b in args.benchmarks.split(",") if b.strip()])
         strategies = strategies_from(args)
         data = {}

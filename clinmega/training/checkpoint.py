@@ -4,12 +4,14 @@ Layout under the checkpoint directory::
 
     iter_0000010/      model (+ chunks), optimizer (optimizer.sharded_state_dict), scheduler,
                        train state (step = data position, schedule), per-rank RNG states
-    iter_0000020/
+    iter_0000020/      ... each also describing itself (``clinmega.checkpoints``): model config,
+                       hf_assets/ (HF config.json, tokenizer), provenance
     latest             "20": the newest complete checkpoint
+    latest_checkpointed_iteration.txt   "20" too: Megatron-LM's tracker file
 
-A save writes ``iter_XXXXXXX.tmp`` and renames it once every rank has finished, then replaces
-``latest`` (write to a temp file + ``os.replace``), then deletes all but the last ``keep_last``
-checkpoints: a killed job never leaves a directory that looks complete. With ``async_save`` the
+A save writes ``iter_XXXXXXX.tmp``, adds the description once every rank has finished and renames
+it, then replaces ``latest`` and the tracker (each atomically), then deletes all but the last
+``keep_last`` checkpoints: a killed job never leaves a directory that looks complete. With ``async_save`` the
 tensor writes run in the background (megatron-core ``AsyncCallsQueue``) and the rename/``latest``
 happen in the request's finalisation. The checkpoint is layout independent (resharded on load);
 the distributed optimizer state uses megatron-core's ``fully_reshardable`` format, so a run
@@ -21,7 +23,6 @@ from __future__ import annotations
 import logging
 import os
 import random
-import re
 import shutil
 import signal
 from dataclasses import dataclass
@@ -36,40 +37,21 @@ from megatron.core import parallel_state as ps
 from megatron.core import tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
+from clinmega.checkpoints import (  # noqa: F401  (LATEST, read_latest: this module's old API)
+    ASSETS_DIR,
+    LATEST,
+    iteration_dir,
+    iteration_steps,
+    publish_latest,
+    read_latest,
+    write_checkpoint_info,
+)
+from clinmega.config.schema import ModelConfig
 from clinmega.models.dist_ckpt import load_chunk_states, load_sharded, model_sharded_state_dict
 
 log = logging.getLogger(__name__)
-LATEST = "latest"
 # The distributed optimizer's state gathered into per-parameter tensors: loads at any DP size.
 OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
-_ITER = re.compile(r"^iter_(\d{7})$")
-
-
-def iteration_dir(root: Path, step: int) -> Path:
-    return Path(root) / f"iter_{step:07d}"
-
-
-def read_latest(root: Path) -> int | None:
-    """The step in ``<root>/latest`` (None when there is no complete checkpoint)."""
-    path = Path(root) / LATEST
-    if not path.is_file():
-        return None
-    text = path.read_text().strip()
-    if not text.isdigit():
-        raise ValueError(f"{path}: expected a step number, found {text!r}")
-    step = int(text)
-    if not iteration_dir(root, step).is_dir():
-        raise FileNotFoundError(f"{path} says {step} but {iteration_dir(root, step)} is missing")
-    return step
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _rng_state() -> dict:
@@ -129,10 +111,18 @@ class Checkpointer:
     def __init__(self, root: str | Path, keep_last: int = 2, async_save: bool = False):
         self.root, self.keep_last, self.async_save = Path(root), keep_last, async_save
         self._queue = None
+        self._description: tuple[ModelConfig, dict, Path | None, str] | None = None
         if async_save:
             from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
             self._queue = AsyncCallsQueue()
+
+    def describe(self, model: ModelConfig, provenance: dict, assets_from: str | Path | None,
+                 torch_dtype: str) -> None:
+        """What every later save records: the model, provenance (``step`` is added per save) and
+        the tokenizer assets to carry forward (``assets_from``: a checkpoint's ``hf_assets``)."""
+        self._description = (model, provenance, Path(assets_from) if assets_from else None,
+                             torch_dtype)
 
     @property
     def is_writer(self) -> bool:
@@ -161,16 +151,20 @@ class Checkpointer:
     def _publish(self, step: int, tmp: Path, final: Path) -> None:
         dist.barrier()  # every rank's shards are on disk
         if self.is_writer:
+            if self._description is not None:
+                model, provenance, assets, dtype = self._description
+                write_checkpoint_info(tmp, model, {**provenance, "step": step}, assets, dtype)
+                self._description = (model, provenance, final / ASSETS_DIR, dtype)
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            write_atomic(self.root / LATEST, f"{step}\n")
+            publish_latest(self.root, step)
             self._prune(step)
         dist.barrier()
         log.info("saved checkpoint %s", final)
 
     def _prune(self, newest: int) -> None:
-        steps = sorted(int(m.group(1)) for p in self.root.iterdir() if (m := _ITER.match(p.name)))
+        steps = iteration_steps(self.root)
         for old in steps[:-self.keep_last] if self.keep_last else []:
             if old != newest:
                 shutil.rmtree(iteration_dir(self.root, old), ignore_errors=True)

@@ -160,13 +160,22 @@ class TrainConfig:
 
 @dataclass
 class CheckpointConfig:
-    """Where and how checkpoints are written; resume is automatic from ``<dir>/latest``."""
+    """Where and how checkpoints are written; resume is automatic from ``<dir>/latest``.
+
+    ``load_weights`` is a run directory, a checkpoint root or one checkpoint folder (an import-hf
+    output, an ``iter_*``): the newest complete checkpoint there gives the starting weights and,
+    when the recipe sets no ``model.preset``, the model. A model that differs from the checkpoint's
+    recorded one in a function-changing field is refused unless the field is listed in
+    ``allow_config_change`` (e.g. ``[rope_theta]`` to extend the context); allowed changes are
+    recorded in the new checkpoints' provenance.
+    """
 
     dir: Optional[str] = None           # None: <run_dir>/checkpoints
-    load_weights: Optional[str] = None  # a dist checkpoint (e.g. converted HF) to start from: weights only
+    load_weights: Optional[str] = None  # run dir / checkpoint root / checkpoint folder: weights only
     keep_last: int = 2                  # 0: keep every checkpoint
     async_save: bool = False
     resume: bool = True
+    allow_config_change: list[str] = field(default_factory=list)  # model fields allowed to differ
 
     def __post_init__(self):
         if self.keep_last < 0:
@@ -221,5 +230,13 @@ class ExperimentConfig:
 
 
 def load_experiment(sources: Iterable = (), overrides: Iterable[str] = ()) -> ExperimentConfig:
-    """An :class:`ExperimentConfig` from recipe files/mappings and ``key.path=value`` overrides."""
-    return load_config(ExperimentConfig, sources, overrides)
+    """An :class:`ExperimentConfig` from recipe files/mappings and ``key.path=value`` overrides.
+
+    Without a ``model.preset`` the model starts from the one recorded in the checkpoint the run
+    resumes from or loads (``checkpoint.load_weights``); the user's ``model.*`` keys apply on top.
+    """
+    from clinmega.training.lineage import recorded_model_layer
+
+    sources, overrides = list(sources), list(overrides)
+    return load_config(ExperimentConfig, sources, overrides,
+                       base=recorded_model_layer(sources, overrides))

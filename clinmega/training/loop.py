@@ -1,7 +1,8 @@
 """``train(cfg)``: the CPT / SFT training loop, top to bottom.
 
-1. runtime (process groups, parallel state, seeds); 2. model chunks (+ weights of a converted
-checkpoint, weights only) wrapped in megatron DDP; 3. optimizer + LR schedule; 4. resume from
+1. runtime (process groups, parallel state, seeds); 2. model chunks (+ weights of
+``checkpoint.load_weights``, weights only; the model is checked against the one the checkpoint
+records) wrapped in megatron DDP; 3. optimizer + LR schedule; 4. resume from
 ``<checkpoint dir>/latest`` if there is one; 5. per step: this DP rank's microbatches of the global
 batch through megatron-core's schedule (any PP / virtual PP), NaN/inf check, optimizer step, log,
 evaluate, checkpoint; SIGTERM saves and exits. Returns a summary dict.
@@ -22,13 +23,15 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core.distributed import DistributedDataParallelConfig
 
-from clinmega.config import ConfigError, to_yaml
+from clinmega.config import to_yaml
 from clinmega.models import build_model
+from clinmega.models.builder import DTYPES
 from clinmega.models.dist_ckpt import load_model_weights
 from clinmega.runtime import initialize
 from clinmega.training.checkpoint import Checkpointer, TerminationFlag, TrainingState
 from clinmega.training.config import ExperimentConfig
 from clinmega.training.data import GlobalBatchSampler, build_sources, is_packed
+from clinmega.training.lineage import provenance, start_source
 from clinmega.models.flops import training_flops_per_token
 from clinmega.training.logging import MetricsLogger, StepTimer, peak_tflops
 from clinmega.training.neftune import NEFTune
@@ -159,14 +162,14 @@ def build_trainer(cfg: ExperimentConfig) -> Trainer:
     dp = ps.get_data_parallel_world_size()
     train.num_microbatches(dp)  # validates the batch geometry for this world size
     checkpointer = Checkpointer(cfg.checkpoint_dir, cfg.checkpoint.keep_last, cfg.checkpoint.async_save)
-    latest = checkpointer.latest() if cfg.checkpoint.resume else None
+    source = start_source(cfg, checkpointer.root)  # refuses a model the checkpoint was not saved as
+    checkpointer.describe(cfg.model, provenance(cfg, source), source.info and source.info.assets,
+                          str(DTYPES[cfg.precision.dtype]).removeprefix("torch."))
+    latest = checkpointer.latest() if source.resumed else None
     chunks = build_model(cfg.model, cfg.parallel, cfg.precision, cfg.runtime,
                          **train.transformer_overrides(), **_packed_overrides(cfg))
-    if cfg.checkpoint.load_weights and latest is None:  # a resumed run has its own weights
-        path = Path(cfg.checkpoint.load_weights)
-        if not path.is_dir():
-            raise ConfigError(f"checkpoint.load_weights: {path} is not a directory")
-        load_model_weights(chunks, path)
+    if source.directory is not None and not source.resumed:  # a resumed run has its own weights
+        load_model_weights(chunks, source.directory)
     model = wrap_ddp(chunks, _ddp_config(cfg))
     neftune = None
     if train.neftune_alpha is not None:

@@ -39,8 +39,11 @@ class MegatronBackend(TokenBackend):
                         tensor_parallel: int = 1, expert_parallel: int = 1) -> "MegatronBackend":
         """Load a clinmega/megatron-core distributed checkpoint (model weights, any saved layout).
 
-        ``model_config``: a HF ``config.json`` (or folder holding one) describing the model, default
-        ``path``; ``tokenizer``: a folder `AutoTokenizer` reads, default ``path``. With
+        ``path``: a checkpoint, checkpoint root or train run directory (the newest complete
+        checkpoint is loaded). ``model_config``: a HF ``config.json`` (or folder holding one)
+        describing the model, default the model the checkpoint records (else ``config.json`` in the
+        checkpoint); ``tokenizer``: a folder `AutoTokenizer` reads, default the checkpoint's
+        ``hf_assets`` (else the checkpoint folder). With
         ``tensor_parallel``/``expert_parallel`` > 1, run one process per rank (torchrun, Slurm): every rank
         computes the same requests (logits are gathered over tensor-parallel ranks, and each row samples
         from its own seeded generator, so all ranks agree), and the caller lets rank 0 write results.
@@ -48,19 +51,24 @@ class MegatronBackend(TokenBackend):
         """
         from transformers import AutoTokenizer
 
+        from clinmega.checkpoints import read_checkpoint_info, resolve_checkpoint
         from clinmega.config.schema import ParallelConfig, PrecisionConfig, RuntimeConfig
         from clinmega.models import build_model, from_hf_config
         from clinmega.models.dist_ckpt import load_model_weights
         from clinmega.runtime import initialize
 
         precision = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[dtype]
-        cfg = from_hf_config(model_config or path)
+        info = read_checkpoint_info(resolve_checkpoint(path))
+        path = info.directory
+        cfg = from_hf_config(model_config) if model_config else info.model or from_hf_config(path)
+        if tokenizer is None:
+            tokenizer = info.assets if info.has_tokenizer else path
         parallel = ParallelConfig(tensor_parallel=tensor_parallel, expert_parallel=expert_parallel)
         runtime = RuntimeConfig()
         initialize(parallel, runtime)
         [model] = build_model(cfg, parallel, PrecisionConfig(dtype=precision), runtime)
         load_model_weights([model], path)
-        return cls(model, AutoTokenizer.from_pretrained(str(tokenizer or path)), cfg.max_position_embeddings,
+        return cls(model, AutoTokenizer.from_pretrained(str(tokenizer)), cfg.max_position_embeddings,
                    batch_size=batch_size)
 
     def _forward(self, tokens: torch.Tensor, start: int, mask: torch.Tensor | None, context: Any = None):
