@@ -27,7 +27,8 @@ from clinmega.data.config import PretrainPrepConfig
 from clinmega.data.indexed import append_sequences, finish, merge_shards, new_builder
 from clinmega.data.manifest import FileStats, build_manifest, merge_chunk_stats
 from clinmega.data.parallel import run_chunk_tasks
-from clinmega.data.readers import Chunk, expand_inputs, iter_records, plan_chunks
+from clinmega.data.fastjson import iter_texts
+from clinmega.data.readers import Chunk, expand_inputs, plan_chunks
 from clinmega.data.tokenizers import cached_tokenizer
 
 log = logging.getLogger(__name__)
@@ -106,7 +107,7 @@ def _tokenize_chunk(task: _ChunkTask) -> FileStats:
         texts.clear()
         lines.clear()
 
-    for rec in iter_records(task.chunk, cfg.text_field):
+    for rec in iter_texts(task.chunk, cfg.text_field):
         stats.documents_read += 1
         if rec.reason is not None:
             stats.skip(rec.line, rec.reason, rec.detail)
