@@ -2,10 +2,11 @@
 evaluation sets (MedQA / MedMCQA / PubMedQA / MMLU-style JSONL).
 
 Text is normalised (Unicode NFKC, lower case, words = runs of ``\\w``); every word gets a 64-bit
-blake2b hash and every n-gram (default 13 words) a 64-bit polynomial hash of its words, computed
-vectorised with numpy. The evaluation side becomes one sorted ``uint64`` array (a few MB even for all
-of MedQA+MedMCQA+PubMedQA+MMLU), shared by forked worker processes; training files are streamed in
-byte-range chunks, so memory does not grow with the corpus. A document is flagged when it contains at
+hash (polynomial of its code points, mixed) and every n-gram (default 13 words) a 64-bit polynomial hash
+of its words, all computed vectorised with numpy over batches of ~2M characters (no per-word Python).
+The evaluation side becomes one sorted ``uint64`` array plus a bitmap prefilter (tens of MB for
+hundreds of thousands of questions), shared by forked worker processes; training files are streamed in
+byte-range chunks and batches, so memory does not grow with the corpus. A document is flagged when it contains at
 least ``min_matches`` distinct evaluation n-grams.
 
 The training field (``text_field``) may be a string or, as for chat data (``messages``), a list/dict
