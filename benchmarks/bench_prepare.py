@@ -272,6 +272,122 @@ def check_exact(prefix: Path, texts: list[str], samples: int = 300) -> tuple[int
     return bad, bos_written
 
 
+# ---- side-by-side runs against Megatron-LM and decontaminate (speed) ----------------------------------
+
+MEGATRON_HOWTO = (
+    "Megatron-LM is not on PyPI: git clone https://github.com/NVIDIA/Megatron-LM /work/scratch/megatron-lm "
+    "(outside this repo) and pass --megatron-lm /work/scratch/megatron-lm"
+)
+
+
+def timed_command(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, float, str]:
+    """(wall seconds, peak RSS in MiB of the largest process of the tree, output tail) of a fresh process."""
+    import subprocess
+
+    script = (
+        "import resource, subprocess, sys, time; t=time.perf_counter(); "
+        "r=subprocess.run(sys.argv[1:], capture_output=True, text=True); "
+        "w=time.perf_counter()-t; m=resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss/1024; "
+        "print(f'@@ {w} {m} {r.returncode}'); print((r.stdout+r.stderr)[-1500:])"
+    )
+    out = subprocess.run([sys.executable, "-c", script, *cmd], capture_output=True, text=True, env=env).stdout
+    head, _, tail = out.partition("\n")
+    _, wall, rss, rc = head.split()
+    if int(rc) != 0:
+        raise RuntimeError(f"{cmd[:3]} failed ({rc}):\n{tail}")
+    return float(wall), float(rss), tail
+
+
+def hf_tokenizer_dir(root: Path) -> Path:
+    """Mistral v1 as a Hugging Face tokenizer directory (gigatoken's own conversion of the SentencePiece
+    model, the same encoder clinmega uses) for Megatron-LM's HuggingFaceTokenizer."""
+    from gigatoken._load.sentencepiece import sentencepiece_to_tokenizer_json
+
+    from clinmega.data.tokenizers import mistral_common_model_path
+
+    d = root / "hf-mistral-v1"
+    d.mkdir(exist_ok=True)
+    (d / "tokenizer.json").write_text(sentencepiece_to_tokenizer_json(mistral_common_model_path("mistral-v1").read_bytes()))
+    (d / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}))
+    return d
+
+
+def megatron_rows(corpus: Path, root: Path, megatron_lm: Path, workers: int) -> dict[str, tuple[float, float]]:
+    """Wall and peak RSS of Megatron-LM's preprocess_data_fast.py (gigatoken) and preprocess_data.py."""
+    tok = hf_tokenizer_dir(root)
+    env = dict(os.environ, PYTHONPATH=str(megatron_lm), OMP_NUM_THREADS="1")
+    common = ["--json-keys", "text", "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", str(tok),
+              "--append-eod"]
+    rows = {}
+    wall, rss, _ = timed_command([sys.executable, str(megatron_lm / "tools/preprocess_data_fast.py"),
+                                  "--input", str(corpus), "--output-prefix", str(root / "mfast"), "--use-gigatoken",
+                                  *common], env)
+    rows["preprocess_data_fast.py --use-gigatoken"] = (wall, rss)
+    if os.environ.get("BENCH_SLOW_MEGATRON", "1") == "1":
+        wall, rss, _ = timed_command([sys.executable, str(megatron_lm / "tools/preprocess_data.py"), "--input",
+                                      str(corpus), "--output-prefix", str(root / "mslow"), "--workers", str(workers),
+                                      *common], env)
+        rows["preprocess_data.py"] = (wall, rss)
+    return rows
+
+
+def make_eval_set(path: Path, corpus: Path, questions: int, planted: int = 50, seed: int = 0) -> None:
+    """``questions`` MedMCQA-sized items (question + 4 options) drawn from the corpus' vocabulary, the first
+    ``planted`` of them copied from corpus documents (so some training documents are contaminated)."""
+    rng = random.Random(seed)
+    with open(corpus, encoding="utf-8") as f:
+        docs = [json.loads(line)["text"] for _, line in zip(range(2000), f)]
+    vocab = [w for d in docs[:200] for w in d.split()]
+    with open(path, "w", encoding="utf-8") as f:
+        for i in range(questions):
+            if i < planted:
+                words = docs[i * 7 % len(docs)].split()
+                a = rng.randrange(max(1, len(words) - 30))
+                q = " ".join(words[a : a + 30])
+            else:
+                q = " ".join(rng.choices(vocab, k=rng.randint(15, 60)))
+            opts = [" ".join(rng.choices(vocab, k=rng.randint(1, 8))) for _ in range(4)]
+            f.write(json.dumps({"question": q, "opa": opts[0], "opb": opts[1], "opc": opts[2], "opd": opts[3]}) + "\n")
+
+
+def clinmega_rows(corpus: Path, root: Path, workers: int, eval_questions: int) -> dict[str, tuple[float, float, str]]:
+    """Wall, peak RSS and output of ``clinmega prepare pretrain`` and ``clinmega decontaminate`` (fresh processes)."""
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]), OMP_NUM_THREADS="1")
+    cli = [sys.executable, "-m", "clinmega.cli"]
+    rows = {}
+    rows["clinmega prepare pretrain"] = timed_command(
+        [*cli, "prepare", "pretrain", "--inputs", str(corpus), "--output-prefix", str(root / "out"),
+         "--workers", str(workers), "--overwrite", "--no-progress"], env)
+    evals = root / "eval_medmcqa_like.jsonl"
+    make_eval_set(evals, corpus, eval_questions)
+    rows["clinmega decontaminate"] = timed_command(
+        [*cli, "decontaminate", "--inputs", str(corpus), "--eval-sets", str(evals), "--output-dir",
+         str(root / "decon"), "--mode", "report", "--workers", str(workers), "--overwrite",
+         "--no-progress"], env)
+    return rows
+
+
+def side_by_side(corpus: Path, root: Path, workers: int, megatron_lm: Path | None, eval_questions: int) -> None:
+    """Print one table of fresh-process runs, with ratios to preprocess_data_fast.py (same run, same cores)."""
+    size_mb = corpus.stat().st_size / 1e6
+    print(f"load average before: {os.getloadavg()} on {os.cpu_count()} CPUs")
+    rows: dict[str, tuple[float, float]] = {}
+    if megatron_lm is None:
+        print(MEGATRON_HOWTO)
+    else:
+        rows.update(megatron_rows(corpus, root, megatron_lm, workers))
+    for name, (wall, rss, _) in clinmega_rows(corpus, root, workers, eval_questions).items():
+        rows[name] = (wall, rss)
+    anchor = rows.get("preprocess_data_fast.py --use-gigatoken", (None,))[0]
+    prep = rows["clinmega prepare pretrain"][0]
+    for name, (wall, rss) in rows.items():
+        ratio = f"{anchor / wall:5.2f}x fast.py" if anchor else ""
+        print(f"{name:42s} {wall:8.1f} s  {size_mb / wall:7.1f} MB/s  peak RSS (largest process) {rss:6.0f} MiB  "
+              f"{ratio}  {prep / wall:5.2f}x prepare")
+    print(f"load average after: {os.getloadavg()}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--corpus", type=Path, default=None, help="any input prepare pretrain reads (default: generate)")
@@ -281,7 +397,21 @@ def main() -> int:
     ap.add_argument("--mb", type=int, default=200, help="size of the generated corpus")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--keep", type=Path, default=None, help="directory to keep the corpus/output in")
+    ap.add_argument("--corpus", type=Path, default=None, help="an existing JSONL corpus (field text) instead of --mb")
+    ap.add_argument("--megatron-lm", type=Path, default=None, help="a Megatron-LM source tree (" + MEGATRON_HOWTO + ")")
+    ap.add_argument("--eval-questions", type=int, default=250_000, help="decontaminate: evaluation-set size")
+    ap.add_argument("--side-by-side-only", action="store_true", help="only the fresh-process comparison table")
     args = ap.parse_args()
+    if args.side_by_side_only:
+        root = Path(tempfile.mkdtemp(prefix="bench_prepare_", dir=args.keep))
+        try:
+            corpus = args.corpus or root / "corpus.jsonl"
+            if args.corpus is None:
+                make_corpus(corpus, args.mb)
+            side_by_side(corpus, root, args.workers, args.megatron_lm, args.eval_questions)
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+        return 0
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import megatron.core.datasets.indexed_dataset  # noqa: F401  (import cost is not the data's)
 

@@ -2,10 +2,11 @@
 evaluation sets (MedQA / MedMCQA / PubMedQA / MMLU-style JSONL).
 
 Text is normalised (Unicode NFKC, lower case, words = runs of ``\\w``); every word gets a 64-bit
-blake2b hash and every n-gram (default 13 words) a 64-bit polynomial hash of its words, computed
-vectorised with numpy. The evaluation side becomes one sorted ``uint64`` array (a few MB even for all
-of MedQA+MedMCQA+PubMedQA+MMLU), shared by forked worker processes; training files are streamed in
-byte-range chunks, so memory does not grow with the corpus. A document is flagged when it contains at
+hash (polynomial of its code points, mixed) and every n-gram (default 13 words) a 64-bit polynomial hash
+of its words, all computed vectorised with numpy over batches of ~2M characters (no per-word Python).
+The evaluation side becomes one sorted ``uint64`` array plus a bitmap prefilter (tens of MB for
+hundreds of thousands of questions), shared by forked worker processes; training files are streamed in
+byte-range chunks and batches, so memory does not grow with the corpus. A document is flagged when it contains at
 least ``min_matches`` distinct evaluation n-grams.
 
 The training field (``text_field``) may be a string or, as for chat data (``messages``), a list/dict
@@ -30,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import numpy as np
+import orjson
 
 from clinmega.data.atomic import staging_dir, write_json_atomic
 from clinmega.data.config import DecontamConfig
@@ -72,34 +73,90 @@ def normalize_words(text: str) -> list[str]:
     return _WORD.findall(unicodedata.normalize("NFKC", text).lower())
 
 
-_WORD_CACHE: dict[str, int] = {}
+_P64 = 0x100000001B3
+_Q = np.uint64(pow(_P64, -1, 1 << 64))  # inverse of the prime mod 2**64 (it is odd)
+_IS_WORD = np.zeros(0x110000, dtype=bool)  # code point -> matches \\w (filled lazily beyond ASCII)
+_KNOWN = np.zeros(0x110000, dtype=bool)
+_IS_WORD[:128] = [_WORD.fullmatch(chr(c)) is not None for c in range(128)]
+_KNOWN[:128] = True
+_POWERS: dict[str, np.ndarray] = {}
+BATCH_CHARS = 1 << 21  # normalised characters hashed per vectorised batch
 
 
-def word_hashes(words: list[str]) -> np.ndarray:
-    """64-bit blake2b hash of each word (cached per process; the cache is reset past 4M entries)."""
-    cache = _WORD_CACHE
-    missing = [w for w in set(words) if w not in cache]
-    if len(cache) + len(missing) > 4_000_000:
-        cache.clear()
-        missing = list(set(words))
-    for w in missing:
-        cache[w] = int.from_bytes(hashlib.blake2b(w.encode("utf-8"), digest_size=8).digest(), "little")
-    return np.fromiter(map(cache.__getitem__, words), dtype=np.uint64, count=len(words))
+def _word_mask(cps: np.ndarray) -> np.ndarray:
+    """Whether each code point is a ``\\w`` character (decided by the regex itself, once per code point)."""
+    high = cps[cps >= 128]
+    if high.size:
+        new = np.unique(high)
+        new = new[~_KNOWN[new]]
+        if new.size:
+            _IS_WORD[new] = [_WORD.fullmatch(chr(c)) is not None for c in new.tolist()]
+            _KNOWN[new] = True
+    return _IS_WORD[cps]
+
+
+def _powers(length: int) -> tuple[np.ndarray, np.ndarray]:
+    """(P**i, Q**i) mod 2**64 for i < length (grown on demand, kept per process)."""
+    if len(_POWERS.get("p", ())) < length:
+        size = max(length, BATCH_CHARS + (BATCH_CHARS >> 2))
+        with np.errstate(over="ignore"):
+            _POWERS["p"] = np.cumprod(np.concatenate([[np.uint64(1)], np.full(size - 1, _PRIME)]), dtype=np.uint64)
+            _POWERS["q"] = np.cumprod(np.concatenate([[np.uint64(1)], np.full(size - 1, _Q)]), dtype=np.uint64)
+    return _POWERS["p"][:length], _POWERS["q"][:length]
+
+
+def _fmix64(x: np.ndarray) -> np.ndarray:
+    """MurmurHash3's 64-bit finaliser (spreads the polynomial word hash over all 64 bits)."""
+    with np.errstate(over="ignore"):
+        x ^= x >> np.uint64(33)
+        x *= np.uint64(0xFF51AFD7ED558CCD)
+        x ^= x >> np.uint64(33)
+        x *= np.uint64(0xC4CEB9FE1A85EC53)
+        x ^= x >> np.uint64(33)
+    return x
+
+
+def batch_ngram_hashes(texts: list[str], n: int) -> tuple[np.ndarray, np.ndarray]:
+    """64-bit hashes of every ``n``-word window of each normalised text (no window spans two texts), and
+    the index of the text each comes from; vectorised over the whole batch.
+
+    A word's hash is the polynomial of its code points mod 2**64 (computed for all words at once from
+    prefix sums weighted by the prime's inverse powers), mixed by ``_fmix64``; an n-gram's hash is the
+    polynomial of its words' hashes. Same words in the same order: same hash, in any batch."""
+    normed = [unicodedata.normalize("NFKC", t).lower() for t in texts]
+    joined = "\n".join(normed)  # a non-word separator: words and case rules never cross it
+    cps = np.frombuffer(joined.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+    empty = np.zeros(0, dtype=np.uint64), np.zeros(0, dtype=np.int64)
+    if not cps.size:
+        return empty
+    is_word = _word_mask(cps)
+    edges = np.diff(is_word.view(np.int8), prepend=np.int8(0), append=np.int8(0))
+    starts = np.flatnonzero(edges == 1)
+    ends = np.flatnonzero(edges == -1)  # exclusive
+    if len(starts) < n:
+        return empty
+    ppow, qpow = _powers(len(cps))
+    with np.errstate(over="ignore"):
+        prefix = np.cumsum(cps.astype(np.uint64) * qpow, dtype=np.uint64)
+        before = np.where(starts > 0, prefix[np.maximum(starts - 1, 0)], np.uint64(0))
+        words = _fmix64((prefix[ends - 1] - before) * ppow[ends - 1])
+    text_starts = np.zeros(len(normed), dtype=np.int64)
+    if len(normed) > 1:
+        np.cumsum(np.fromiter((len(t) + 1 for t in normed[:-1]), np.int64, len(normed) - 1), out=text_starts[1:])
+    owner = np.searchsorted(text_starts, starts, side="right") - 1
+    m = len(words) - n + 1
+    acc = words[:m].copy()
+    with np.errstate(over="ignore"):
+        for j in range(1, n):
+            acc *= _PRIME
+            acc += words[j : j + m]
+    keep = owner[:m] == owner[n - 1 :]
+    return acc[keep], owner[:m][keep]
 
 
 def ngram_hashes(text: str, n: int) -> np.ndarray:
     """64-bit hashes of every ``n``-word window of the normalised ``text`` (empty if fewer words)."""
-    words = normalize_words(text)
-    if len(words) < n:
-        return np.zeros(0, dtype=np.uint64)
-    w = word_hashes(words)
-    m = len(words) - n + 1
-    acc = w[:m].copy()
-    with np.errstate(over="ignore"):
-        for j in range(1, n):
-            acc *= _PRIME
-            acc += w[j : j + m]
-    return acc
+    return batch_ngram_hashes([text], n)[0]
 
 
 def _field_texts(obj: Any) -> Iterator[str]:
@@ -128,14 +185,32 @@ class EvalIndex:
     owner_item: np.ndarray  # int64 line number in that set's file
     names: list[str]
     stats: dict[str, dict[str, Any]]
+    _bitmap: np.ndarray | None = None
+    _shift: np.uint64 = np.uint64(0)
 
     def lookup(self, hashes: np.ndarray) -> np.ndarray:
         """Positions in ``keys`` of the distinct ``hashes`` that occur in the evaluation sets."""
+        return np.unique(self.positions(hashes)[1])
+
+    def positions(self, hashes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(indices into ``hashes``, positions in ``keys``) of the hashes that occur in the evaluation sets.
+
+        A bitmap of the keys' top bits (built once, ~64 bits per key, shared by forked workers) rejects
+        almost every training n-gram with one memory access; the rest are confirmed by binary search."""
+        none = np.zeros(0, dtype=np.int64)
         if not len(self.keys) or not len(hashes):
-            return np.zeros(0, dtype=np.int64)
-        h = np.unique(hashes)
-        pos = np.minimum(np.searchsorted(self.keys, h), len(self.keys) - 1)
-        return pos[self.keys[pos] == h]
+            return none, none
+        if self._bitmap is None:
+            bits = int(min(32, max(16, int(np.ceil(np.log2(64 * len(self.keys)))))))
+            self._shift = np.uint64(64 - bits)
+            top = self.keys >> self._shift
+            self._bitmap = np.zeros(1 << (bits - 3), dtype=np.uint8)
+            np.bitwise_or.at(self._bitmap, top >> np.uint64(3), np.left_shift(1, (top & np.uint64(7)).astype(np.uint8)))
+        top = hashes >> self._shift
+        maybe = np.flatnonzero((self._bitmap[top >> np.uint64(3)] >> (top & np.uint64(7)).astype(np.uint8)) & 1)
+        pos = np.minimum(np.searchsorted(self.keys, hashes[maybe]), len(self.keys) - 1)
+        found = self.keys[pos] == hashes[maybe]
+        return maybe[found], pos[found]
 
 
 def _benchmark_records(path: Path) -> Iterator[tuple[int, dict[str, Any] | None]]:
@@ -169,20 +244,38 @@ def build_eval_index(paths: list[Path], fields: list[str], n: int) -> EvalIndex:
         name = path.name
         names.append(name)
         st = {"path": str(path), "items": 0, "items_too_short": 0, "ngrams": 0, "unreadable_lines": 0}
+        texts: list[str] = []
+        text_items: list[int] = []
+
+        def flush() -> None:
+            h, owner = batch_ngram_hashes(texts, n)
+            line_of = np.asarray(text_items, dtype=np.int64)[owner]
+            counts = np.unique(line_of)
+            st["ngrams"] += len(h)
+            st["items_with_ngrams"] += len(counts)
+            all_keys.append(h)
+            sets.append(np.full(len(h), si, dtype=np.int32))
+            items.append(line_of)
+            texts.clear()
+            text_items.clear()
+
+        st["items_with_ngrams"] = 0
+        chars = 0
         for line_no, obj in _benchmark_records(path):
             if obj is None:
                 st["unreadable_lines"] += 1
                 continue
             st["items"] += 1
-            hashes = [ngram_hashes(t, n) for t in eval_item_texts(obj, fields)]
-            h = np.concatenate(hashes) if hashes else np.zeros(0, dtype=np.uint64)
-            if not len(h):
-                st["items_too_short"] += 1
-                continue
-            st["ngrams"] += len(h)
-            all_keys.append(h)
-            sets.append(np.full(len(h), si, dtype=np.int32))
-            items.append(np.full(len(h), line_no, dtype=np.int64))
+            for t in eval_item_texts(obj, fields):
+                texts.append(t)
+                text_items.append(line_no)
+                chars += len(t)
+            if chars >= BATCH_CHARS:  # an item's texts never straddle two batches
+                flush()
+                chars = 0
+        if texts:
+            flush()
+        st["items_too_short"] = st["items"] - st.pop("items_with_ngrams")
         if st["unreadable_lines"]:
             raise ValueError(f"{path}: {st['unreadable_lines']} evaluation line(s) are not JSON objects")
         stats[name] = st
@@ -217,45 +310,90 @@ def eval_index_for(cfg: DecontamConfig) -> EvalIndex:
     return _INDEXES[key]
 
 
+def _line_texts(raw: bytes, keys: list[str], field: str) -> tuple[list[str], str | None]:
+    """(strings to check, reason when there are none) of one training line; orjson for clean lines."""
+    try:
+        v: Any = orjson.loads(raw)
+        if type(v) is dict:
+            for k in keys:
+                v = v[k]
+            if type(v) is str:
+                return [v], None
+    except (orjson.JSONDecodeError, KeyError, TypeError, IndexError):
+        pass
+    obj, reason, _ = parse_line(raw)
+    value = get_field(obj, field) if reason is None else None
+    texts = list(_field_texts(value))
+    if not texts:
+        return texts, reason or ("missing_field" if value is None else "wrong_type")
+    return texts, None
+
+
 def _scan_chunk(task: _Task) -> tuple[FileStats, dict[str, int], list[dict[str, Any]]]:
-    """Worker: (stats, unchecked-line counts by reason, flagged documents with chunk-relative lines)."""
+    """Worker: (stats, unchecked-line counts by reason, flagged documents with chunk-relative lines).
+
+    Lines are buffered up to ``BATCH_CHARS`` characters, hashed and looked up as one batch, then
+    written/skipped in order."""
     cfg = task.cfg
     index = eval_index_for(cfg)
+    keys = cfg.text_field.split(".")
     stats = FileStats(task.chunk.path)
     unchecked: dict[str, int] = {}
     flagged: list[dict[str, Any]] = []
-    with open(task.part, "wb") if task.part else contextlib.nullcontext() as out:
-        for line_no, raw in enumerate(iter_lines(task.chunk, stats.damaged), start=1):
-            stats.documents_read += 1
-            obj, reason, _ = parse_line(raw)
-            value = get_field(obj, cfg.text_field) if reason is None else None
-            texts = list(_field_texts(value))
-            if not texts:
-                reason = reason or ("missing_field" if value is None else "wrong_type")
-                unchecked[reason] = unchecked.get(reason, 0) + 1
-            else:
-                hits = index.lookup(np.concatenate([ngram_hashes(t, cfg.ngram) for t in texts]))
-                if len(hits) >= cfg.min_matches:
-                    sets = sorted({index.names[s] for s in index.owner_set[hits].tolist()})
-                    flagged.append(
-                        {
-                            "line": line_no,
-                            "matched_ngrams": int(len(hits)),
-                            "eval_sets": sets,
-                            "eval_items": sorted(
-                                {
-                                    (index.names[s], int(i))
-                                    for s, i in zip(index.owner_set[hits], index.owner_item[hits])
-                                }
-                            )[:5],
-                        }
-                    )
-                    if cfg.mode == "remove":
-                        stats.skip(line_no, "contaminated", f"{len(hits)} n-grams shared with {', '.join(sets)}")
-                        continue
+    lines: list[tuple[int, bytes]] = []
+    texts: list[str] = []
+    text_line: list[int] = []  # position in ``lines`` of each text
+
+    def flush(out) -> None:
+        hashes, owner = batch_ngram_hashes(texts, cfg.ngram)
+        at, pos = index.positions(hashes)
+        hits_of: dict[int, np.ndarray] = {}
+        if len(at):
+            doc = np.asarray(text_line, dtype=np.int64)[owner[at]]
+            pairs = np.unique(np.stack([doc, pos.astype(np.int64)], axis=1), axis=0)
+            for d in np.unique(pairs[:, 0]).tolist():
+                hits_of[d] = pairs[pairs[:, 0] == d, 1]
+        for i, (line_no, raw) in enumerate(lines):
+            hits = hits_of.get(i)
+            if hits is not None and len(hits) >= cfg.min_matches:
+                sets = sorted({index.names[s] for s in index.owner_set[hits].tolist()})
+                flagged.append(
+                    {
+                        "line": line_no,
+                        "matched_ngrams": int(len(hits)),
+                        "eval_sets": sets,
+                        "eval_items": sorted(
+                            {(index.names[s], int(it)) for s, it in zip(index.owner_set[hits], index.owner_item[hits])}
+                        )[:5],
+                    }
+                )
+                if cfg.mode == "remove":
+                    stats.skip(line_no, "contaminated", f"{len(hits)} n-grams shared with {', '.join(sets)}")
+                    continue
             stats.documents_written += 1
             if out is not None:
                 out.write(raw if raw.endswith(b"\n") else raw + b"\n")
+        lines.clear()
+        texts.clear()
+        text_line.clear()
+
+    with open(task.part, "wb") if task.part else contextlib.nullcontext() as out:
+        chars = 0
+        for line_no, raw in enumerate(iter_lines(task.chunk, stats.damaged), start=1):
+            stats.documents_read += 1
+            line_texts, reason = _line_texts(raw, keys, cfg.text_field)
+            if reason is not None:
+                unchecked[reason] = unchecked.get(reason, 0) + 1
+            for t in line_texts:
+                texts.append(t)
+                text_line.append(len(lines))
+                chars += len(t)
+            lines.append((line_no, raw))
+            if chars >= BATCH_CHARS or len(lines) >= 65536:
+                flush(out)
+                chars = 0
+        if lines:
+            flush(out)
     return stats, unchecked, flagged
 
 

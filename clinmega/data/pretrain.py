@@ -32,11 +32,11 @@ from clinmega.data.config import PretrainPrepConfig
 from clinmega.data.indexed import append_sequences, finish, merge_shards, new_builder
 from clinmega.data.manifest import FileStats, build_manifest, merge_chunk_stats, report_damage
 from clinmega.data.parallel import run_chunk_tasks
+from clinmega.data.fastjson import iter_texts
 from clinmega.data.readers import (
     Chunk,
     expand_inputs,
     file_ranges,
-    iter_records,
     parse_shard,
     plan_chunks,
     shard_suffix,
@@ -119,7 +119,7 @@ def _tokenize_chunk(task: _ChunkTask) -> FileStats:
         texts.clear()
         lines.clear()
 
-    for rec in iter_records(task.chunk, cfg.text_field, stats.damaged):
+    for rec in iter_texts(task.chunk, cfg.text_field, stats.damaged):
         stats.documents_read += 1
         if rec.reason is not None:
             stats.skip(rec.line, rec.reason, rec.detail)

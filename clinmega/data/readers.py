@@ -405,10 +405,15 @@ def iter_objects(
         yield from _parquet_rows(chunk, columns, damage)
         return
     for line_no, raw in enumerate(iter_lines(chunk, damage), start=1):
-        obj, reason, detail = parse_line(raw)
-        if reason is None and not isinstance(obj, dict):
-            obj, reason, detail = None, "not_an_object", f"got {type(obj).__name__}"
-        yield Record(line_no, obj, reason, detail)
+        yield object_record(line_no, raw)
+
+
+def object_record(line_no: int, raw: bytes) -> Record:
+    """One raw JSONL line as a parsed object (``value``) or a parse skip reason."""
+    obj, reason, detail = parse_line(raw)
+    if reason is None and not isinstance(obj, dict):
+        obj, reason, detail = None, "not_an_object", f"got {type(obj).__name__}"
+    return Record(line_no, obj, reason, detail)
 
 
 def _parquet_rows(chunk: Chunk, columns: Sequence[str] | None, damage: list[dict[str, Any]] | None) -> Iterator[Record]:
@@ -441,24 +446,26 @@ def _parquet_rows(chunk: Chunk, columns: Sequence[str] | None, damage: list[dict
 
 def iter_records(chunk: Chunk, field: str, damage: list[dict[str, Any]] | None = None) -> Iterator[Record]:
     """Every line/row of ``chunk`` with ``value`` = the string at ``field`` (dotted keys allowed), or a
-    skip reason: the parse reasons of ``iter_objects`` plus ``missing_field``, ``wrong_type``, ``empty``
-    and ``non_utf8`` (text holding lone surrogates, which no tokenizer can encode). ``damage``: module doc."""
+    skip reason: the parse reasons of ``iter_objects`` plus those of :func:`text_record`. ``damage``:
+    module doc."""
     for rec in iter_objects(chunk, [field.split(".")[0]], damage):
-        if rec.reason is not None:
-            yield rec
-            continue
-        value = get_field(rec.value, field)
-        if value is None:
-            yield Record(rec.line, None, "missing_field", f"no {field!r}")
-        elif not isinstance(value, str):
-            yield Record(rec.line, None, "wrong_type", f"{field!r} is {type(value).__name__}, expected string")
-        elif not value or value.isspace():
-            yield Record(rec.line, None, "empty", f"{field!r} is blank")
-        else:
-            try:
-                if not value.isascii():  # lone surrogates (from JSON escapes) cannot be encoded
-                    value.encode("utf-8")
-            except UnicodeEncodeError as exc:
-                yield Record(rec.line, None, "non_utf8", f"{field!r} char {exc.start}: {exc.reason}")
-                continue
-            yield Record(rec.line, value, None, "")
+        yield rec if rec.reason is not None else text_record(rec.line, rec.value, field)
+
+
+def text_record(line: int, obj: Any, field: str) -> Record:
+    """The record of a parsed object: ``value`` = the string at ``field``, or the skip reason
+    ``missing_field``, ``wrong_type``, ``empty`` or ``non_utf8`` (text holding lone surrogates, which no
+    tokenizer can encode)."""
+    value = get_field(obj, field)
+    if value is None:
+        return Record(line, None, "missing_field", f"no {field!r}")
+    if not isinstance(value, str):
+        return Record(line, None, "wrong_type", f"{field!r} is {type(value).__name__}, expected string")
+    if not value or value.isspace():
+        return Record(line, None, "empty", f"{field!r} is blank")
+    try:
+        if not value.isascii():  # lone surrogates (from JSON escapes) cannot be encoded
+            value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return Record(line, None, "non_utf8", f"{field!r} char {exc.start}: {exc.reason}")
+    return Record(line, value, None, "")

@@ -193,9 +193,9 @@ class Tokenizer:
 
     def token_dtype(self) -> type[np.number]:
         """Smallest dtype megatron-core uses for ids of this vocabulary (uint16 below 65,500)."""
-        from megatron.core.datasets.indexed_dataset import DType
+        from clinmega.data.indexed import optimal_dtype
 
-        return DType.optimal_dtype(self.vocab_size)
+        return optimal_dtype(self.vocab_size)
 
 
 def _load_sentencepiece(name: str, path: Path, backend: str) -> Tokenizer:
