@@ -59,7 +59,7 @@ class LmEvalTask:
         if self.n_options is not None and len(item.options) != self.n_options:
             raise ValueError(f"{item.benchmark or self.name} item {item.id}: lm-eval's {self.name} task has "
                              f"{self.n_options} options, the item {len(item.options)}")
-        if not self.letters and tuple(item.options) != PUBMEDQA_OPTIONS:
+        if not self.letters and sorted(item.options) != sorted(PUBMEDQA_OPTIONS):  # any order (choice shuffle)
             raise ValueError(f"item {item.id}: {self.name} scores the choices {PUBMEDQA_OPTIONS}, "
                              f"the item has {item.options}")
 
