@@ -4,21 +4,17 @@ Each benchmark maps to the built-in task a leaderboard number comes from, with t
 (``doc_to_text``), choices (``doc_to_choice``), target and few-shot delimiters, description, few-shot source
 split and sampler, and metrics:
 
-=================== ======================================================== ============ ==============
-benchmark           text (``doc_to_text``)                                    choices      few-shot
-=================== ======================================================== ============ ==============
-medqa_4options      ``Question: {q}\\nA. {o}\\n...D. {o}\\nAnswer:``             A-D          train, random
-medmcqa             ``Question: {q}\\nChoices:\\nA. {o}\\n...D. {o}\\nAnswer:``   A-D          train, random
-pubmedqa            ``Abstract: {sections joined by \\n}\\nQuestion: {q}\\nAnswer:`` yes/no/maybe train, random
-mmlu_<subject>      description ``The following are multiple choice questions (with   A-D          dev, first n
-                    answers) about {subject}.\\n\\n``, then ``{q.strip()}\\nA. {o}\\n...Answer:``
-=================== ======================================================== ============ ==============
+* ``medqa_4options``: ``Question: {q}\\nA. {o}\\n...D. {o}\\nAnswer:``; choices A-D; exemplars from train, random;
+* ``medmcqa``: ``Question: {q}\\nChoices:\\nA. {o}\\n...D. {o}\\nAnswer:``; choices A-D; train, random;
+* ``pubmedqa``: ``Abstract: {sections joined by \\n}\\nQuestion: {q}\\nAnswer:``; choices yes/no/maybe; train, random;
+* ``mmlu_<subject>``: the description ``The following are multiple choice questions (with answers) about
+  {subject}.\\n\\n``, then ``{q.strip()}\\nA. {o}\\n...D. {o}\\nAnswer:``; choices A-D; dev, first n.
 
 A prompt is ``description + (text + " " + choice[gold] + "\\n\\n") per exemplar + text``; each choice is
 scored as the continuation ``" " + choice``; ``acc`` takes the argmax of the summed log-likelihoods,
-``acc_norm`` of the log-likelihoods divided by the choice's character length (pubmedqa reports ``acc``
-only). lm-eval's random sampler is one ``random.Random(1234)`` per task drawing ``n`` exemplars for each test
-document in order (`LmEvalSampler`), so the first N items get the same exemplars with any ``--limit``.
+``acc_norm`` of the log-likelihoods divided by the choice's character length (lm-eval reports ``acc``
+only for pubmedqa and MMLU; clinmega reports both everywhere). lm-eval's random sampler is one
+``random.Random(1234)`` per task drawing ``n`` exemplars for each test document in order (`LmEvalSampler`), so the first N items get the same exemplars with any ``--limit``.
 The ``multimedqa`` group reports the size-weighted mean ``acc`` of its nine tasks (`report`).
 
 Fields are used as written, as lm-eval does (only MMLU strips its question). Benchmarks without a built-in
@@ -102,7 +98,7 @@ TASKS: dict[str, LmEvalTask] = {
     "medmcqa": LmEvalTask("medmcqa", _medmcqa_text, letters=True),
     "pubmedqa": LmEvalTask("pubmedqa", _pubmedqa_text, letters=False, metrics=("acc",), n_options=3),
     **{f"mmlu_{s}": LmEvalTask(
-        f"mmlu_{s}", _mmlu_text, letters=True, sampler="first_n",
+        f"mmlu_{s}", _mmlu_text, letters=True, sampler="first_n", metrics=("acc",),
         description=f"The following are multiple choice questions (with answers) about {s.replace('_', ' ')}.\n\n")
        for s in MMLU_CLINICAL},
 }
