@@ -16,7 +16,7 @@ import os
 import random
 from pathlib import Path
 
-from clinmega.evaluation.benchmarks import BENCHMARK_GROUPS, MMLU_CLINICAL, load_benchmark
+from clinmega.evaluation.benchmarks import BENCHMARK_GROUPS, load_benchmark
 
 GROUP = "multimedqa"
 WORDS = ("renal", "hepatic", "cardiac", "acute", "chronic", "dose", "lesion", "fever", "sodium", "insulin",
@@ -172,4 +172,4 @@ def mismatches(rows: dict) -> list[str]:
     return bad
 
 
-__all__ = ["GROUP", "MMLU_CLINICAL", "write_group", "run_lm_eval", "run_clinmega", "compare", "mismatches"]
+__all__ = ["GROUP", "write_group", "run_lm_eval", "run_clinmega", "compare", "mismatches"]
