@@ -8,6 +8,7 @@ from eval_fixtures import tiny_hf_model_dir
 from clinmega.evaluation.backends.base import next_tokens
 from clinmega.evaluation.backends.hf import HFBackend
 from clinmega.evaluation.benchmarks import load_benchmark
+from clinmega.evaluation.lm_eval_tasks import task_for
 from clinmega.evaluation.prompts import build_prompt, choice_continuations
 from clinmega.evaluation.scoring import run_strategy
 from clinmega.evaluation.strategies import PRESETS, Strategy
@@ -49,9 +50,10 @@ def test_zero_shot_accuracy_equals_reference(backend):
     items = load_benchmark("medqa_4options")[:8] + load_benchmark("pubmedqa")[:4]
     results = run_strategy(backend, items, [], PRESETS["zero_shot"])
     expected = []
-    for item in items:
-        prompt = build_prompt(item)
-        lls = [reference_loglikelihood(backend.model, backend.tokenizer, prompt, c) for c in choice_continuations(item)]
+    for item in items:  # zero_shot renders each benchmark as its lm-eval task
+        task = task_for(item.benchmark)
+        prompt, conts = task.prompt(item), task.continuations(item)
+        lls = [reference_loglikelihood(backend.model, backend.tokenizer, prompt, c) for c in conts]
         expected.append(max(range(len(lls)), key=lls.__getitem__))
     assert [r.pred for r in results] == expected
     assert sum(r.correct for r in results) == sum(e == i.answer for e, i in zip(expected, items))

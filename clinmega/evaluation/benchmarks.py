@@ -10,6 +10,8 @@ Accepted layouts (the format of a file is detected from its extension and the ke
   5-option `US/*.jsonl`; also the GBaker/MedQA-USMLE-4-options export): one JSON object per line,
   ``{"question": str, "options": {"A": str, "B": str, ...}, "answer_idx": "A".."E", "answer": str?,
   "meta_info": str?}``. ``answer`` (the option text), when present, must equal ``options[answer_idx]``.
+* **MedQA, HF 4-option export** (GBaker/MedQA-USMLE-4-options-hf, lm-eval's ``medqa_4options`` source):
+  ``{"id"?, "sent1": question, "ending0".."ending3": options, "label": 0-3}``.
 * **MedMCQA** (medmcqa/medmcqa GitHub release `train.json`/`dev.json`, and the HF
   `openlifescienceai/medmcqa` export): one JSON object per line, ``{"id", "question", "opa", "opb",
   "opc", "opd", "cop", "exp"?, "subject_name"?, "choice_type"?}``. ``cop`` is **1-4 in the GitHub
@@ -22,10 +24,11 @@ Accepted layouts (the format of a file is detected from its extension and the ke
   "yes"|"no"|"maybe", "LONG_ANSWER": str?}}``. Also the HF `pubmed_qa` (pqa_labeled) rows as JSON
   lines: ``{"pubid", "question", "context": {"contexts": [str], "labels": [str]}, "final_decision",
   "long_answer"?}``. Options are always ``["yes", "no", "maybe"]``; the context is the abstract sections,
-  prefixed by their labels when given ("OBJECTIVE: ...").
+  prefixed by their labels when given ("OBJECTIVE: ..."); ``passages`` keeps the sections as written
+  (lm-eval joins them unlabelled).
 * **MMLU** (hendrycks/test `data/{dev,val,test}/<subject>_{dev,val,test}.csv`): CSV, no header, columns
   ``question, A, B, C, D, answer`` with the answer a letter.
-* **HF multiple choice** (e.g. `cais/mmlu` rows exported to JSON lines): ``{"question", "choices": [str],
+* **HF multiple choice** (e.g. `cais/mmlu` rows exported to JSON lines, lm-eval's MMLU source): ``{"question", "choices": [str],
   "answer": int | "A".."Z", "subject"?}``.
 * **Normalized** (clinmega's own): ``{"id": str, "question": str, "options": [str], "answer": int,
   "context": str?, "explanation": str?}``.
@@ -39,7 +42,11 @@ benchmark):
     <data_dir>/medmcqa/*dev*.json[l] (scored: the public test split has no answers), *train*.json[l]
     <data_dir>/pubmedqa/*test*.json[l], *train*.json[l]
     <data_dir>/mmlu/**/<subject>_test.csv, **/<subject>_dev.csv (few-shot pool), as in hendrycks' data.tar
+                                                          (or <subject>_test.jsonl / _dev.jsonl: cais/mmlu rows)
     <data_dir>/custom/*test*.json[l], *train*.json[l]     (e.g. an in-house set in the normalized layout)
+
+Question, option and passage texts are kept as written (a field that is empty after stripping is an
+error); each prompt format decides about surrounding whitespace (`prompts`, `lm_eval_tasks`).
 
 Without ``data_dir`` it reads the SYNTHETIC set shipped in `clinmega/evaluation/synthetic/` (same layout;
 for tests and the demo only: not real benchmark items).
@@ -70,6 +77,7 @@ class Item:
     context: str | None = None
     explanation: str | None = None
     benchmark: str = ""
+    passages: tuple[str, ...] = ()  # PubMedQA: the abstract's sections as written, without labels
 
     def __post_init__(self) -> None:
         if len(self.options) < 2:
@@ -109,11 +117,15 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {
         BenchmarkSpec("medqa_4options", "medqa_4options", ("*test*.jsonl",), ("*train*.jsonl",)),
         BenchmarkSpec("medmcqa", "medmcqa", ("*dev*.json*", "*validation*.json*"), ("*train*.json*",)),
         BenchmarkSpec("pubmedqa", "pubmedqa", ("*test*.json*",), ("*train*.json*",)),
-        *(BenchmarkSpec(f"mmlu_{s}", "mmlu", (f"**/{s}_test.csv",), (f"**/{s}_dev.csv",)) for s in MMLU_CLINICAL),
+        *(BenchmarkSpec(f"mmlu_{s}", "mmlu", (f"**/{s}_test.csv", f"**/{s}_test.jsonl"),
+                        (f"**/{s}_dev.csv", f"**/{s}_dev.jsonl")) for s in MMLU_CLINICAL),
         BenchmarkSpec("custom", "custom", ("*test*.json*",), ("*train*.json*",)),  # your own set, any layout
     )
 }
-BENCHMARK_GROUPS = {"mmlu_clinical": tuple(f"mmlu_{s}" for s in MMLU_CLINICAL)}
+BENCHMARK_GROUPS = {"mmlu_clinical": tuple(f"mmlu_{s}" for s in MMLU_CLINICAL),
+                    # lm-eval's `multimedqa` group (its report row is the size-weighted mean, `report`)
+                    "multimedqa": ("pubmedqa", "medmcqa", "medqa_4options",
+                                   *(f"mmlu_{s}" for s in MMLU_CLINICAL))}
 
 
 def expand_benchmark_names(names: list[str]) -> list[str]:
@@ -231,10 +243,11 @@ def _parse_record(record: dict | list, where: str, cop_base: int | None) -> Item
 
 
 def _text(record: dict, key: str) -> str:
+    """The field as written (prompt formats strip or keep surrounding whitespace)."""
     value = record[key]
     if not isinstance(value, str) or not value.strip():
         raise ValueError(f"field {key!r} must be a non-empty string, got {value!r}")
-    return value.strip()
+    return value
 
 
 def _item_id(record: dict, where: str, *keys: str) -> str:
@@ -255,6 +268,17 @@ def _medqa(record: dict, where: str, _: int | None) -> Item:
         raise ValueError(f"answer {record['answer']!r} differs from options[{letter}] {options[letter]!r}")
     return Item(_item_id(record, where, "id"), _text(record, "question"),
                 tuple(_text(options, k) for k in options), LETTERS.index(letter))
+
+
+def _medqa_hf(record: dict, where: str, _: int | None) -> Item:
+    keys = [f"ending{k}" for k in range(len(LETTERS)) if f"ending{k}" in record]
+    if keys != [f"ending{k}" for k in range(len(keys))]:
+        raise ValueError(f"options must be ending0, ending1, ... without gaps, got {keys}")
+    label = record["label"]
+    if not isinstance(label, int) or isinstance(label, bool):
+        raise ValueError(f"'label' must be an integer index, got {label!r}")
+    options = tuple(_text(record, k) for k in keys)
+    return Item(_item_id(record, where, "id"), _text(record, "sent1"), options, _answer_index(label, len(options)))
 
 
 def _medmcqa(record: dict, where: str, cop_base: int | None) -> Item:
@@ -279,6 +303,7 @@ def _pubmedqa(record: dict, where: str, _: int | None) -> Item:
     labels = record.get("LABELS") if upper else record["context"].get("labels")
     if not isinstance(ctx, list) or not ctx or not all(isinstance(c, str) for c in ctx):
         raise ValueError("contexts must be a non-empty list of strings")
+    passages = tuple(ctx)
     if labels and len(labels) == len(ctx):
         ctx = [f"{label}: {c}" for label, c in zip(labels, ctx)]
     decision = record["final_decision"]
@@ -286,7 +311,7 @@ def _pubmedqa(record: dict, where: str, _: int | None) -> Item:
         raise ValueError(f"final_decision {decision!r} is not one of {PUBMEDQA_OPTIONS}")
     long_answer = record.get("LONG_ANSWER" if upper else "long_answer")
     return Item(_item_id(record, where, "_key", "pubid"), question, PUBMEDQA_OPTIONS,
-                PUBMEDQA_OPTIONS.index(decision), context="\n".join(c.strip() for c in ctx),
+                PUBMEDQA_OPTIONS.index(decision), context="\n".join(c.strip() for c in ctx), passages=passages,
                 explanation=long_answer.strip() if isinstance(long_answer, str) and long_answer.strip() else None)
 
 
@@ -308,7 +333,9 @@ def _choices(record: dict, where: str, _: int | None) -> Item:
     choices = record["choices"]
     if not isinstance(choices, list) or not all(isinstance(c, (str, int, float)) for c in choices):
         raise ValueError("'choices' must be a list of strings")
-    options = tuple(str(c).strip() for c in choices)
+    options = tuple(str(c) for c in choices)
+    if not all(o.strip() for o in options):
+        raise ValueError("empty choice")
     return Item(_item_id(record, where, "id"), _text(record, "question"), options,
                 _answer_index(record["answer"], len(options)))
 
@@ -321,7 +348,7 @@ def _normalized(record: dict, where: str, _: int | None) -> Item:
     if not isinstance(answer, int) or isinstance(answer, bool):
         raise ValueError(f"'answer' must be an integer index, got {answer!r}")
     context, exp = record.get("context"), record.get("explanation")
-    return Item(_item_id(record, where, "id"), _text(record, "question"), tuple(o.strip() for o in options),
+    return Item(_item_id(record, where, "id"), _text(record, "question"), tuple(options),
                 _answer_index(answer, len(options)), context=context or None, explanation=exp or None)
 
 
@@ -329,14 +356,15 @@ def _mmlu_csv(row: list[str], where: str) -> Item:
     if len(row) < 4:
         raise ValueError(f"expected columns question, options..., answer letter; got {len(row)} column(s)")
     *fields, answer = row
-    question, options = fields[0], tuple(o.strip() for o in fields[1:])
-    if not question.strip() or not all(options):
+    question, options = fields[0], tuple(fields[1:])
+    if not question.strip() or not all(o.strip() for o in options):
         raise ValueError("empty question or option")
-    return Item(where.rsplit("/", 1)[-1], question.strip(), options, _answer_index(answer, len(options)))
+    return Item(where.rsplit("/", 1)[-1], question, options, _answer_index(answer, len(options)))
 
 
 _PARSERS: list[tuple[set[str], Callable[[dict, str, int | None], Item]]] = [
     ({"question", "options", "answer_idx"}, _medqa),
+    ({"sent1", "ending0", "ending1", "label"}, _medqa_hf),
     ({"question", "opa", "opb", "opc", "opd", "cop"}, _medmcqa),
     ({"QUESTION", "CONTEXTS", "final_decision"}, _pubmedqa),
     ({"question", "context", "final_decision"}, _pubmedqa),

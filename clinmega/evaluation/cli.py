@@ -25,7 +25,7 @@ from pathlib import Path
 from clinmega.evaluation.benchmarks import expand_benchmark_names, load_benchmark
 from clinmega.evaluation.report import load_part, save_part, write_report
 from clinmega.evaluation.scoring import run_strategy
-from clinmega.evaluation.strategies import PRESETS, Strategy, parse_strategy
+from clinmega.evaluation.strategies import PRESETS, PROMPT_FORMATS, Strategy, parse_strategy
 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -50,6 +50,10 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="folder with <benchmark>/ sub-folders (default: the built-in synthetic set)")
     p.add_argument("--strategies", default="zero_shot",
                    help=f"comma-separated; presets {', '.join(PRESETS)}; compose with '+'")
+    p.add_argument("--prompt-format", choices=PROMPT_FORMATS, default=None,
+                   help="lm-eval: each benchmark's built-in lm-eval 0.4.13 task (prompt, choices, few-shot "
+                        "sampler); unified: clinmega's one layout; auto (default): lm-eval for log-likelihood "
+                        "strategies with letter targets, unified for option_text and generation strategies")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--limit", type=int, default=None, help="first N items per benchmark")
     p.add_argument("--shots", type=int, default=None, help="override the number of few-shot exemplars")
@@ -115,6 +119,8 @@ def strategies_from(args: argparse.Namespace) -> list[Strategy]:
             overrides["max_new_tokens"] = args.max_new_tokens
         if args.temperature is not None:
             overrides["temperature"] = args.temperature
+        if getattr(args, "prompt_format", None) is not None:
+            overrides["prompt_format"] = args.prompt_format
         out.append(replace(strategy, **overrides))
     return out
 
@@ -197,7 +203,8 @@ def run(args: argparse.Namespace) -> int:
     if not writer:
         return 0
     meta = {"model": str(args.model_dir), "backend": args.backend, "data_dir": str(args.data_dir or "synthetic"),
-            "benchmarks": benchmarks, "strategies": [s.__dict__ for s in strategies], "seconds": timings}
+            "benchmarks": benchmarks, "strategies": [{**s.__dict__, "format": s.format} for s in strategies],
+            "seconds": timings}
     paths = write_report(args.out, results, meta, n_resamples=args.bootstrap, seed=args.seed)
     print(paths["markdown"].read_text(), end="")
     print(f"wrote {', '.join(str(p) for p in paths.values())}")

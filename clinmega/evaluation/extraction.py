@@ -42,6 +42,7 @@ _LEADING = re.compile(r"\s*[\(\[]?([A-Z])(?:[\)\]\.:,]|\s*$|\s+[-–—]\s)")
 def extract_answer(text: str, options: Sequence[str]) -> int | None:
     """Index of the option that ``text`` answers with, or None when it commits to none."""
     text = re.sub(r"[*_`#]+", "", text).strip()
+    options = [o.strip() for o in options]
     n = len(options)
     for cue in reversed(list(_CUE.finditer(text))):
         hit = _letter_at(text, cue.end(), n) if cue.end() < len(text) else None

@@ -1,10 +1,13 @@
-"""Prompt templates: one question layout for every benchmark, backend and strategy.
+"""Prompt formats: clinmega's ``unified`` layout here, lm-eval's per-task layouts in `lm_eval_tasks`.
 
-Zero-shot log-likelihood scores the continuation ``" A"``, ``" B"``, ... after `question_block` (which
-ends in ``"Answer:"``), exactly as an lm-eval ``multiple_choice`` task with ``target_delimiter=" "`` and
-letter choices (see ``benchmarks/bench_lm_eval_compat.py``). Few-shot exemplars are complete blocks
-joined with ``"\\n\\n"`` (lm-eval's ``fewshot_delimiter``). Chain of thought adds an instruction, a
-trigger after ``"Answer:"`` and, in exemplars, a rationale that ends in ``ANSWER_PHRASE``.
+``unified``: one question layout for every benchmark, backend and strategy (fields stripped). Log-likelihood
+scores the continuation ``" A"``, ``" B"``, ... after `question_block` (which ends in ``"Answer:"``); for
+MedQA it equals lm-eval's ``medqa_4options`` prompt, for the other benchmarks it does not (use
+``lm-eval``). Few-shot exemplars are complete blocks joined with ``"\\n\\n"``. Chain of thought adds an
+instruction, a trigger after ``"Answer:"`` and, in exemplars, a rationale that ends in ``ANSWER_PHRASE``.
+
+``lm-eval``: the prompt, choices, delimiters, description and few-shot sampler of lm-eval 0.4.13's built-in
+task of each benchmark (`lm_eval_tasks`); the default for log-likelihood strategies with letter targets.
 """
 
 from __future__ import annotations
@@ -33,8 +36,8 @@ class Exemplar:
 def question_block(item: Item) -> str:
     """Context (if any), question, lettered options, and the cue ``"Answer:"``."""
     lines = [f"Context: {item.context}"] if item.context else []
-    lines.append(f"Question: {item.question}")
-    lines += [f"{LETTERS[i]}. {option}" for i, option in enumerate(item.options)]
+    lines.append(f"Question: {item.question.strip()}")
+    lines += [f"{LETTERS[i]}. {option.strip()}" for i, option in enumerate(item.options)]
     lines.append("Answer:")
     return "\n".join(lines)
 
@@ -43,7 +46,7 @@ def choice_continuations(item: Item, target: str = "letter") -> list[str]:
     """What log-likelihood scoring appends to the prompt, one per option: ``" A"``, ``" B"``, ... or, with
     ``target="text"``, the option texts (``" yes"``, ``" no"``, ``" maybe"``, as lm-eval's pubmedqa)."""
     if target == "text":
-        return [f"{TARGET_DELIMITER}{option}" for option in item.options]
+        return [f"{TARGET_DELIMITER}{option.strip()}" for option in item.options]
     return [f"{TARGET_DELIMITER}{LETTERS[i]}" for i in range(len(item.options))]
 
 

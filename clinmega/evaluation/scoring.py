@@ -22,6 +22,7 @@ import numpy as np
 from clinmega.evaluation.backends.base import Backend
 from clinmega.evaluation.benchmarks import Item
 from clinmega.evaluation.extraction import extract_answer
+from clinmega.evaluation.lm_eval_tasks import LmEvalSampler, task_for
 from clinmega.evaluation.prompts import Exemplar, build_prompt, choice_continuations
 from clinmega.evaluation.strategies import Strategy, candidate_exemplars, majority_vote, option_orders, permute
 
@@ -58,24 +59,34 @@ def argmax_predictions(lls: Sequence[float], choices: Sequence[str]) -> tuple[in
 def run_strategy(backend: Backend, items: Sequence[Item], train: Sequence[Item], strategy: Strategy,
                  log: Callable[[str], None] = lambda _: None) -> list[ItemResult]:
     """Evaluate ``items`` with one strategy (exemplars from ``train``); one `ItemResult` per item, in order."""
-    exemplars = select_exemplars(backend, items, train, strategy, log)
-    variants = []  # (item index, order, prompt, permuted item)
+    lm_eval = strategy.format == "lm-eval"
+    if lm_eval and strategy.selection == "fixed":
+        exemplars = lm_eval_exemplars(items, train, strategy.shots)
+    else:
+        exemplars = select_exemplars(backend, items, train, strategy, log)
+    variants = []  # (item index, order, prompt, permuted item, continuations)
     for n, item in enumerate(items):
         rng = random.Random(f"{strategy.seed}:{item.benchmark}:{item.id}")  # per item: independent of --limit
+        task = task_for(item.benchmark) if lm_eval else None
         for order in option_orders(len(item.options), strategy.permutations, rng):
             shown = permute(item, order)
-            prompt = build_prompt(shown, exemplars[n], cot=strategy.cot, target=strategy.target)
-            variants += [(n, order, prompt, shown)] * strategy.samples
-    log(f"{strategy.name}: {len(items)} items, {len(variants)} prompts ({strategy.scoring})")
+            if task is not None:
+                prompt = task.prompt(shown, [e.item for e in exemplars[n]])
+                conts = task.continuations(shown)
+            else:
+                prompt = build_prompt(shown, exemplars[n], cot=strategy.cot, target=strategy.target)
+                conts = choice_continuations(shown, strategy.target)
+            variants += [(n, order, prompt, shown, conts)] * strategy.samples
+    log(f"{strategy.name}: {len(items)} items, {len(variants)} prompts ({strategy.scoring}, {strategy.format} prompts)")
     if strategy.scoring == "loglikelihood":
-        per_variant = _loglikelihood_choices(backend, variants, strategy.target)
+        per_variant = _loglikelihood_choices(backend, variants)
     else:
         per_variant = _generated_choices(backend, variants, strategy)
     results = [ItemResult(item.benchmark, strategy.name, item.id, item.answer, None, False,
                           exemplars=[e.item.id for e in exemplars[n]]) for n, item in enumerate(items)]
     norm_votes: list[list[int | None]] = [[] for _ in items]
     bytes_votes: list[list[int | None]] = [[] for _ in items]
-    for (n, order, _, _), (choice, choice_norm, choice_bytes, output) in zip(variants, per_variant):
+    for (n, order, *_), (choice, choice_norm, choice_bytes, output) in zip(variants, per_variant):
         def original(c: int | None) -> int | None:  # position shown -> original option index
             return None if c is None else order[c]
 
@@ -92,17 +103,31 @@ def run_strategy(backend: Backend, items: Sequence[Item], train: Sequence[Item],
     return results
 
 
-def _loglikelihood_choices(backend: Backend, variants: list, target: str) -> list[tuple]:
+def lm_eval_exemplars(items: Sequence[Item], train: Sequence[Item], shots: int) -> list[list[Exemplar]]:
+    """Per item, the exemplars lm-eval's sampler gives it: one sampler per benchmark, items in order."""
+    samplers: dict[str, LmEvalSampler] = {}
+    out = []
+    for item in items:
+        task = task_for(item.benchmark)
+        if task is None or shots == 0:  # no lm-eval task: the unified layout's fixed selection
+            out.append([Exemplar(t) for t in train[:shots]])
+            continue
+        if item.benchmark not in samplers:
+            samplers[item.benchmark] = LmEvalSampler(task, len(train), shots)
+        out.append([Exemplar(train[i]) for i in samplers[item.benchmark].next()])
+    return out
+
+
+def _loglikelihood_choices(backend: Backend, variants: list) -> list[tuple]:
     requests, spans = [], []
-    for _, _, prompt, shown in variants:
-        conts = choice_continuations(shown, target)
+    for _, _, prompt, _, conts in variants:
         spans.append((len(requests), conts))
         requests += [(prompt, c) for c in conts]
     lls = backend.loglikelihood(requests)
     out = []
     for start, conts in spans:
         option_lls = lls[start:start + len(conts)]
-        out.append((*argmax_predictions(option_lls, [c.strip() for c in conts]), option_lls))
+        out.append((*argmax_predictions(option_lls, [c[1:] for c in conts]), option_lls))  # minus the " "
     return out
 
 

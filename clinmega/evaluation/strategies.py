@@ -3,6 +3,10 @@
 A `Strategy` is a set of orthogonal knobs; presets name common combinations and ``+`` composes them
 (``"knn_few_shot+cot+choice_shuffle"`` equals the ``medprompt`` preset):
 
+* ``prompt_format``: ``lm-eval`` (each benchmark's built-in lm-eval task, `lm_eval_tasks`), ``unified``
+  (clinmega's one layout, `prompts`) or ``auto`` (default): ``lm-eval`` for log-likelihood scoring of
+  letters, ``unified`` for option-text targets and generation strategies (chain of thought needs it);
+  with ``lm-eval``, ``fixed`` few-shot selection is lm-eval's own sampler;
 * ``target``: log-likelihood scoring of the option letters (default) or of the option texts (then
   ``acc_norm`` differs from ``acc``);
 * ``shots`` / ``selection``: few-shot exemplars from the train split, ``fixed`` (the first ones),
@@ -29,6 +33,9 @@ import numpy as np
 from clinmega.evaluation.benchmarks import Item
 
 
+PROMPT_FORMATS = ("auto", "lm-eval", "unified")
+
+
 @dataclass(frozen=True)
 class Strategy:
     name: str = "zero_shot"
@@ -43,8 +50,14 @@ class Strategy:
     top_p: float = 1.0
     max_new_tokens: int = 0  # 0: 384 with chain of thought, else 16
     seed: int = 1234
+    prompt_format: Literal["auto", "lm-eval", "unified"] = "auto"
 
     def __post_init__(self) -> None:
+        if self.prompt_format not in PROMPT_FORMATS:
+            raise ValueError(f"strategy {self.name}: prompt format {self.prompt_format!r} is not one of {PROMPT_FORMATS}")
+        if self.prompt_format == "lm-eval" and (self.cot or self.target == "text"):
+            raise ValueError(f"strategy {self.name}: the lm-eval prompt format has no chain of thought and scores "
+                             "each task's own choices (target='letter'); use prompt format 'unified'")
         if self.cot and self.scoring != "generate":
             raise ValueError(f"strategy {self.name}: chain of thought needs scoring='generate'")
         if self.target == "text" and self.scoring != "loglikelihood":
@@ -53,6 +66,13 @@ class Strategy:
             raise ValueError(f"strategy {self.name}: self-consistency (samples>1) needs scoring='generate'")
         if self.shots < 0 or self.samples < 1 or self.permutations < 1:
             raise ValueError(f"strategy {self.name}: shots>=0, samples>=1, permutations>=1 required")
+
+    @property
+    def format(self) -> str:
+        """The prompt format used: ``auto`` resolved (see the module docstring)."""
+        if self.prompt_format != "auto":
+            return self.prompt_format
+        return "lm-eval" if self.scoring == "loglikelihood" and self.target == "letter" else "unified"
 
     @property
     def new_tokens(self) -> int:
@@ -157,7 +177,7 @@ def candidate_exemplars(items: Sequence[Item], train: Sequence[Item], strategy: 
             order = random.Random(f"{strategy.seed}:{item.benchmark}:{item.id}:{n}").sample(range(len(train)), len(train))
         else:
             order = list(range(len(train)))
-        out.append([i for i in order if train[i].question != item.question])
+        out.append([i for i in order if train[i].question.strip() != item.question.strip()])
     return out
 
 
