@@ -102,6 +102,33 @@ def _patch_masks() -> None:
         module.get_sliding_window_causal_mask = get_sliding_window_causal_mask
 
 
+# --- 3b. a given attention mask dropped under a sliding window ---------------------------------
+def _patch_window_with_mask() -> None:
+    """``FusedScaleMaskSoftmax.forward_torch_softmax`` replaces the caller's mask by the
+    sliding-window causal mask whenever ``window_size`` is set, so a packed (block-causal) mask
+    is lost and packed samples attend across their boundaries within the window. Apply both."""
+    from megatron.core.fusions import fused_softmax
+
+    cls = fused_softmax.FusedScaleMaskSoftmax
+    real = cls.forward_torch_softmax
+    if getattr(real, "clinmega_keeps_mask", False):
+        return
+
+    def forward_torch_softmax(self, input, mask, softmax_offset=None):
+        if self.window_size is None or mask is None:
+            return real(self, input, mask, softmax_offset)
+        window = fused_softmax.get_sliding_window_causal_mask(input.size(2), input.size(3),
+                                                              self.window_size)
+        saved, self.window_size = self.window_size, None
+        try:
+            return real(self, input, mask | window.to(mask.device), softmax_offset)
+        finally:
+            self.window_size = saved
+
+    forward_torch_softmax.clinmega_keeps_mask = True
+    cls.forward_torch_softmax = forward_torch_softmax
+
+
 # --- 4 + 5. MoE alltoall dispatcher: CUDA side stream, D2H copies as numpy split sizes --------
 def _patch_moe() -> None:
     from megatron.core.transformer.moe import moe_utils, token_dispatcher
@@ -213,6 +240,9 @@ PATCHES = (
     Patch("causal_masks", "transformer.utils.get_default_causal_mask and "
           "get_sliding_window_causal_mask (and their copies in fusions.fused_softmax) use "
           "device='cuda'", _patch_masks),
+    Patch("window_keeps_mask", "fusions.fused_softmax.FusedScaleMaskSoftmax.forward_torch_softmax "
+          "replaces a given attention mask (packed block-causal) by the sliding-window mask",
+          _patch_window_with_mask),
     Patch("moe_dispatcher", "MoEAlltoAllTokenDispatcher.cuda_dtoh_stream is a CUDA stream and "
           "moe_utils.maybe_move_tensor_to_cpu leaves CPU split sizes as tensors", _patch_moe),
     Patch("distopt_torch_adam_load", "DistributedOptimizer.sharded_state_dict(is_loading=True) "
