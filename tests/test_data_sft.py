@@ -159,6 +159,23 @@ def test_prepare_sft_end_to_end_dataset_contract(tmp_path):
             assert item["labels"][start : start + n].tolist() == lab.tolist()
             start += n
     assert sorted(seen) == list(range(ds.num_samples))
+    # the stored samples are the source records as mistral-common encodes them (in input order)
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record.get("messages") or "input" in record:
+            records.append(record["messages"] if "messages" in record else [
+                {"role": "user", "content": record["input"]}, {"role": "assistant", "content": record["output"]}])
+    assert len(records) == ds.num_samples
+    for i, messages in enumerate(records):
+        _, reference = _mistral_common("mistral-v3", messages)
+        ids, mask = ds.sample(i)
+        assert ids.tolist() == reference, i
+        assert mask.sum() == sum(len(_mistral_tokenizer("mistral-v3").instruct_tokenizer.encode_assistant_message(
+            _assistant(m), False)) for m in messages if m["role"] == "assistant"), i
     batch = collate_packed([ds[0], ds[1]], attention_mask=True)
     assert batch["tokens"].shape == (2, 256) and batch["attention_mask"].shape == (2, 1, 256, 256)
     assert batch["cu_seqlens"][-1] == 512 and batch["cu_seqlens"].dtype == torch.int32
