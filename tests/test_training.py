@@ -1,6 +1,7 @@
 """Training stage: convergence, DP/optimizer equivalence, kill-and-resume, SIGTERM, NEFTune,
-MoE, NaN policy, FP8 gating, CLI/plot. Multi-rank cases run in one spawned 2-rank gloo group
-(tests/training_cases.py); whole-process behaviour (SIGKILL, SIGTERM, torchrun) in subprocesses."""
+MoE, NaN policy, FP8 gating, CLI/plot. Multi-rank cases are the named case functions of
+training_cases.TABLE, all run by one spawned 2-rank gloo group; each test names the case it asserts
+on. Whole-process behaviour (SIGKILL, SIGTERM, torchrun) runs in subprocesses."""
 
 from __future__ import annotations
 
