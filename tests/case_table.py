@@ -13,6 +13,7 @@ that asks for it, with the rank's traceback; the other cases' tests still run.
 from __future__ import annotations
 
 import importlib
+import pickle
 import traceback
 from pathlib import Path
 from typing import Any, Callable
@@ -48,11 +49,13 @@ class CaseTable:
         if unknown:
             raise KeyError(f"{self.module}: no cases {unknown}")
         ranks = run_local_group(run_table, world_size, (self.module, str(tmp), names), **kwargs)
-        return Outcome(self, ranks)
+        return Outcome(self, [pickle.loads(r) for r in ranks])
 
 
-def run_table(module: str, tmp: str, names: list[str]) -> dict[str, Any]:
-    """What each spawned rank runs: join the group once, then every named case in order."""
+def run_table(module: str, tmp: str, names: list[str]) -> bytes:
+    """What each spawned rank runs: join the group once, then every named case in order. The
+    results come back pickled by value (tensors inline, not as shared-memory handles that die
+    with the rank)."""
     import torch.distributed as dist
 
     from clinmega.config import RuntimeConfig
@@ -69,7 +72,7 @@ def run_table(module: str, tmp: str, names: list[str]) -> dict[str, Any]:
         except Exception:  # the case's tests report it; the next case starts from a barrier
             out[name] = CaseFailed(traceback.format_exc())
         dist.barrier()
-    return out
+    return pickle.dumps(out)
 
 
 class Outcome:
