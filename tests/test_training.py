@@ -412,8 +412,8 @@ def test_nan_skip_skips_the_step(group):
     weights = out["weights_before_step"]
     assert sorted(weights) == [1, 2, 3, 4, 5, 6]
     assert torch.equal(weights[5], weights[4])  # the skipped step left the weights unchanged
-    for step in (1, 2, 3, 5):
-        assert not torch.equal(weights[step + 1], weights[step]), step  # the others updated them
+    for step in (2, 3, 5):  # the others updated them (step 1 runs at the warmup's lr 0)
+        assert not torch.equal(weights[step + 1], weights[step]), step
 
 
 @pytest.mark.distributed
