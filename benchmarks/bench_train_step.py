@@ -7,7 +7,8 @@ Both loops run in this one process on the same tiny model shape and batch geomet
 * bare: megatron-core only — the same GPTModel chunks in megatron DDP, ``get_megatron_optimizer``,
   a pre-built list of microbatches, a 10-line forward step, ``optimizer.step()``.
 
-Steps alternate between the two (A B A B ...) so that machine noise hits both alike; the
+First both loops run 3 steps from the same weights on the same batches and must give the same
+losses (else the benchmark stops). Steps alternate between the two (A B A B ...) so that machine noise hits both alike; the
 figure is the ratio of medians. NEFTune on/off toggles the noise on the same trainer.
 
     PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/bench_train_step.py [recipe] [key=value ...]
@@ -26,8 +27,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def bare_megatron(cfg, microbatches):
-    """A minimal megatron-core training step over fixed microbatches; returns step()."""
+def bare_megatron(cfg, microbatches, weights: dict | None = None):
+    """A minimal megatron-core training step over fixed microbatches (or the ones it is given),
+    from ``weights`` (a state dict) when given; returns step(microbatches=None, lr=None) -> loss."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.distributed import finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
@@ -37,6 +39,8 @@ def bare_megatron(cfg, microbatches):
 
     chunk = build_model(cfg.model, cfg.parallel, cfg.precision, cfg.runtime,
                         calculate_per_token_loss=True)[0]
+    if weights is not None:
+        chunk.load_state_dict(weights)
     chunk.config.finalize_model_grads_func = finalize_model_grads
     ddp = DistributedDataParallel(chunk.config, DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, use_distributed_optimizer=True), chunk)
@@ -56,16 +60,39 @@ def bare_megatron(cfg, microbatches):
         return model(b["tokens"], b["position_ids"], None, labels=b["labels"]), partial(
             loss_func, b["loss_mask"])
 
-    def step():
+    def step(mbs=None, lr=None):
+        mbs = microbatches if mbs is None else mbs
+        if lr is not None:
+            for group in optimizer.param_groups:
+                group["lr"] = lr
         ddp.zero_grad_buffer()
         optimizer.zero_grad()
-        get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=iter(microbatches), model=[ddp],
-            num_microbatches=len(microbatches), seq_length=t.seq_length,
+        losses = get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iter(mbs), model=[ddp],
+            num_microbatches=len(mbs), seq_length=t.seq_length,
             micro_batch_size=t.micro_batch_size, forward_only=False)
         optimizer.step()
+        return float(sum(x["lm loss"] for x in losses) / sum(mb["loss_mask"].sum() for mb in mbs))
 
     return step
+
+
+def check_same_losses(cfg, steps: int = 3, tol: float = 1e-5) -> None:
+    """Both loops, from the same weights on the same global batches (the bare one at the
+    trainer's learning rate of each step), give the same losses; raises otherwise."""
+    from clinmega.models.dist_ckpt import unwrap
+    from clinmega.training.loop import build_trainer
+    from clinmega.training.optimizer import current_lr
+
+    trainer = build_trainer(cfg)
+    trainer.neftune = None
+    bare = bare_megatron(cfg, None, unwrap(trainer.model[0]).state_dict())
+    for i in range(steps):
+        lr = current_lr(trainer.optimizer)
+        ours, theirs = trainer.step(i)["loss"], bare(trainer.sampler.microbatches(i, 0, 1), lr)
+        if abs(ours - theirs) > tol:
+            raise AssertionError(f"step {i + 1}: clinmega loss {ours} != bare megatron-core {theirs}")
+    print(f"losses equal over {steps} steps (|diff| <= {tol})")
 
 
 def alternate(a, b, steps: int, warmup: int = 3) -> tuple[float, float, float]:
@@ -107,6 +134,7 @@ def main(argv: list[str]) -> int:
                                      f"train.steps={10 * steps}", "train.eval_interval=0",
                                      "train.neftune_alpha=5.0", *overrides])
     initialize(cfg.parallel, cfg.runtime)
+    check_same_losses(cfg)
     trainer = build_trainer(cfg)
     neftune = trainer.neftune
     bare = bare_megatron(cfg, trainer.sampler.microbatches(0, 0, 1))

@@ -1,10 +1,12 @@
-"""Shared helpers for the conversion tests: tiny random HF models and logits on both sides."""
+"""Shared helpers for the conversion tests (tiny random HF models and logits on both sides) and the\ntable of 2-rank conversion cases that test_conversion.py spawns once."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
+
+from case_table import CaseTable
 
 TOKENS_SEQ = 24  # longer than the tiny v0.1 sliding window (8)
 
@@ -112,50 +114,89 @@ def megatron_logits(model_cfg, parallel, ckpt: str | Path, toks: torch.Tensor) -
     return out.float()
 
 
-# Layouts that load the single-process import (TP1-written) on 2 ranks, per model kind.
-LOAD_LAYOUTS = {
-    "mistral-v0.1": {"tp2": dict(tensor_parallel=2), "pp2": dict(pipeline_parallel=2)},
-    "mistral-v0.3": {"tp2": dict(tensor_parallel=2)},
-    "mixtral": {"ep2": dict(expert_parallel=2),
-                "tp2_sp": dict(tensor_parallel=2, sequence_parallel=True)},
-}
-# Imports written by 2 ranks at the target layout.
-IMPORT_LAYOUTS = {"mistral-v0.1": ("tp2", dict(tensor_parallel=2)),
-                  "mixtral": ("ep2", dict(expert_parallel=2))}
+# --- the 2-rank cases (one spawned group runs them all: tests/case_table.py) --------------------
+# The group's folder is the test's conversion root: <root>/<kind>/hf (the HF model), <kind>/tp1 (its
+# single-process import) and reference_logits.pt ({kind: HF logits}), written before the spawn.
+TABLE = CaseTable(__name__)
+REFERENCE_LOGITS = "reference_logits.pt"
 
 
-def parallel_conversion(root: str, reference: dict[str, torch.Tensor]) -> dict:
-    """On each of 2 gloo ranks: max |megatron - HF| logits for every layout above, for imports
-    written by both ranks, and a TP2 reshard-and-save of the mistral-v0.1 import."""
-    from clinmega.config import ParallelConfig, PrecisionConfig, RuntimeConfig
+def logits_diff(root: Path, kind: str, parallel, ckpt: Path) -> float:
+    """max |megatron - HF| logits of ``ckpt`` loaded at ``parallel`` on both ranks."""
+    from clinmega.config import RuntimeConfig
+    from clinmega.conversion.checkpoint_info import hf_model_config
+    from clinmega.runtime import init_model_parallel
+
+    cfg = hf_model_config(root / kind / "hf")
+    init_model_parallel(parallel, RuntimeConfig())
+    logits = megatron_logits(cfg, parallel, ckpt, tokens(cfg.vocab_size))
+    return (logits - torch.load(root / REFERENCE_LOGITS)[kind]).abs().max().item()
+
+
+def load_case(tmp: Path, kind: str, **layout) -> float:
+    """The single-process (TP1-written) import loaded at ``layout`` on 2 ranks."""
+    from clinmega.config import ParallelConfig
+
+    return logits_diff(tmp.parent, kind, ParallelConfig(**layout), tmp.parent / kind / "tp1")
+
+
+def import_case(tmp: Path, kind: str, **layout) -> float:
+    """An import written by 2 ranks at ``layout`` (into this case's folder), loaded at TP1."""
+    from clinmega.config import ParallelConfig
     from clinmega.conversion import import_hf
+
+    import_hf(tmp.parent / kind / "hf", tmp / "mcore", ParallelConfig(**layout), progress=False)
+    return logits_diff(tmp.parent, kind, ParallelConfig(), tmp / "mcore")
+
+
+@TABLE.case
+def mistral_v01_load_tp2(tmp: Path) -> float:
+    return load_case(tmp, "mistral-v0.1", tensor_parallel=2)
+
+
+@TABLE.case
+def mistral_v01_load_pp2(tmp: Path) -> float:
+    return load_case(tmp, "mistral-v0.1", pipeline_parallel=2)
+
+
+@TABLE.case
+def mistral_v03_load_tp2(tmp: Path) -> float:
+    return load_case(tmp, "mistral-v0.3", tensor_parallel=2)
+
+
+@TABLE.case
+def mixtral_load_ep2(tmp: Path) -> float:
+    return load_case(tmp, "mixtral", expert_parallel=2)
+
+
+@TABLE.case
+def mixtral_load_tp2_sp(tmp: Path) -> float:
+    return load_case(tmp, "mixtral", tensor_parallel=2, sequence_parallel=True)
+
+
+@TABLE.case
+def mistral_v01_import_tp2(tmp: Path) -> float:
+    return import_case(tmp, "mistral-v0.1", tensor_parallel=2)
+
+
+@TABLE.case
+def mixtral_import_ep2(tmp: Path) -> float:
+    return import_case(tmp, "mixtral", expert_parallel=2)
+
+
+@TABLE.case
+def mistral_v01_resave_tp2(tmp: Path) -> str:
+    """The mistral-v0.1 import resharded to TP2 and saved again (the test exports it)."""
+    from clinmega.config import ParallelConfig, PrecisionConfig, RuntimeConfig
     from clinmega.conversion.checkpoint_info import hf_model_config
     from clinmega.models import build_model
     from clinmega.models.dist_ckpt import load_model_weights, save_model_weights
-    from clinmega.runtime import init_model_parallel, init_process_group
+    from clinmega.runtime import init_model_parallel
 
-    init_process_group(RuntimeConfig())
-    root = Path(root)
-    results = {}
-
-    def diff(kind, parallel, ckpt):
-        cfg = hf_model_config(root / kind / "hf")
-        init_model_parallel(parallel, RuntimeConfig())
-        logits = megatron_logits(cfg, parallel, ckpt, tokens(cfg.vocab_size))
-        return (logits - reference[kind]).abs().max().item()
-
-    for kind, layouts in LOAD_LAYOUTS.items():
-        for name, fields in layouts.items():
-            ckpt = root / kind / "tp1"
-            results[f"{kind}/load_{name}"] = diff(kind, ParallelConfig(**fields), ckpt)
-    for kind, (name, fields) in IMPORT_LAYOUTS.items():
-        out = root / kind / f"import2_{name}"
-        import_hf(root / kind / "hf", out, ParallelConfig(**fields), progress=False)
-        results[f"{kind}/import2_{name}"] = diff(kind, ParallelConfig(), out)
-    tp2 = ParallelConfig(tensor_parallel=2)
+    root, tp2 = tmp.parent, ParallelConfig(tensor_parallel=2)
     init_model_parallel(tp2, RuntimeConfig())
-    cfg = hf_model_config(root / "mistral-v0.1" / "hf")
-    chunks = build_model(cfg, tp2, PrecisionConfig(dtype="fp32"), RuntimeConfig())
+    chunks = build_model(hf_model_config(root / "mistral-v0.1" / "hf"), tp2,
+                         PrecisionConfig(dtype="fp32"), RuntimeConfig())
     load_model_weights(chunks, root / "mistral-v0.1" / "tp1")
-    save_model_weights(chunks, root / "mistral-v0.1" / "resaved_tp2")
-    return results
+    save_model_weights(chunks, tmp / "mcore")
+    return str(tmp / "mcore")

@@ -16,7 +16,6 @@ from clinmega.conversion import export_hf, import_hf
 from clinmega.conversion.checkpoint_info import hf_model_config
 from clinmega.conversion.dist_io import DistCheckpointReader
 from clinmega.runtime import init_model_parallel
-from clinmega.runtime.local_group import run_local_group
 
 KINDS = list(cc.KINDS)
 TOL = 1e-5
@@ -73,24 +72,47 @@ def test_bf16_kept_and_sharded_export(tmp_path):
     assert_bit_exact(hf, tmp_path / "out")
 
 
-@pytest.mark.distributed
-def test_parallel_layouts_and_two_rank_imports(models, tmp_path):
+LOAD_CASES = [cc.mistral_v01_load_tp2, cc.mistral_v01_load_pp2, cc.mistral_v03_load_tp2,
+              cc.mixtral_load_ep2, cc.mixtral_load_tp2_sp]
+IMPORT_CASES = {cc.mistral_v01_import_tp2: "mistral-v0.1", cc.mixtral_import_ep2: "mixtral"}
+
+
+@pytest.fixture(scope="module")
+def group(models):
+    """One spawned 2-rank group runs every case of conversion_cases.TABLE."""
     root, found = models
-    reference = {kind: logits for kind, (_, _, logits) in found.items()}
-    ranks = run_local_group(cc.parallel_conversion, 2, (str(root), reference))
-    assert ranks[0] == ranks[1]
-    expected = {f"{k}/load_{n}" for k, layouts in cc.LOAD_LAYOUTS.items() for n in layouts}
-    expected |= {f"{k}/import2_{n}" for k, (n, _) in cc.IMPORT_LAYOUTS.items()}
-    assert set(ranks[0]) == expected
-    for case, diff in ranks[0].items():
-        assert diff <= TOL, (case, diff)
-    # Written by 2 ranks at TP2 / EP2, or resharded to TP2 and saved: back to the same HF bits.
-    for kind, (name, _) in cc.IMPORT_LAYOUTS.items():
-        export_hf(root / kind / f"import2_{name}", tmp_path / kind, progress=False)
-        assert_bit_exact(found[kind][0], tmp_path / kind)
+    torch.save({kind: logits for kind, (_, _, logits) in found.items()}, root / cc.REFERENCE_LOGITS)
+    return cc.TABLE.spawn(root)
+
+
+def name(case) -> str:
+    return case.__name__
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("case", LOAD_CASES + list(IMPORT_CASES), ids=name)
+def test_parallel_layout_logits_match_hf(group, case):
+    a, b = group.ranks(case)
+    assert a == b
+    assert a <= TOL, (case.__name__, a)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("case", list(IMPORT_CASES), ids=name)
+def test_two_rank_import_exports_the_same_hf_bits(group, models, case, tmp_path):
+    """Written by 2 ranks at TP2 / EP2: back to the same HF bits."""
+    root, found = models
+    group.ranks(case)
+    export_hf(root / case.__name__ / "mcore", tmp_path / "out", progress=False)
+    assert_bit_exact(found[IMPORT_CASES[case]][0], tmp_path / "out")
+
+
+@pytest.mark.distributed
+def test_resharded_to_tp2_and_saved_exports_the_same_hf_bits(group, models, tmp_path):
+    _, found = models
+    resaved = group[cc.mistral_v01_resave_tp2]
     hf = found["mistral-v0.1"][0]
-    export_hf(root / "mistral-v0.1" / "resaved_tp2", tmp_path / "resaved",
-              hf_model_config(hf), assets=hf, progress=False)
+    export_hf(resaved, tmp_path / "resaved", hf_model_config(hf), assets=hf, progress=False)
     assert_bit_exact(hf, tmp_path / "resaved")
     cfg = hf_model_config(hf)
     logits = cc.hf_logits(tmp_path / "resaved", cc.tokens(cfg.vocab_size))

@@ -255,3 +255,11 @@ def test_hugging_face_tokenizer_directory(tmp_path):
     assert _read_all(tmp_path / "o") == [
         [hf.bos_token_id, *hf.encode(t, add_special_tokens=False), hf.eos_token_id] for t in texts
     ]
+    # ...and as the sentencepiece library and transformers read that folder (not only clinmega's loader)
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+
+    sp = spm.SentencePieceProcessor(model_file=str(hf_dir / "tokenizer.model"))
+    assert _read_all(tmp_path / "o") == [[sp.bos_id(), *sp.encode(t), sp.eos_id()] for t in texts]
+    auto = AutoTokenizer.from_pretrained(str(hf_dir))
+    assert _read_all(tmp_path / "o") == [[*auto(t)["input_ids"], auto.eos_token_id] for t in texts]

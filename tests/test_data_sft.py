@@ -160,6 +160,30 @@ def test_prepare_sft_end_to_end_dataset_contract(tmp_path):
             assert item["labels"][start : start + n].tolist() == lab.tolist()
             start += n
     assert sorted(seen) == list(range(ds.num_samples))
+    # the stored samples are the source records as mistral-common encodes them (in input order)
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record.get("messages") or "input" in record:
+            records.append(record["messages"] if "messages" in record else [
+                {"role": "user", "content": record["input"]}, {"role": "assistant", "content": record["output"]}])
+    assert len(records) == ds.num_samples
+    whole = 0
+    for i, messages in enumerate(records):
+        _, reference = _mistral_common("mistral-v3", messages)
+        ids, mask = ds.sample(i)
+        assert len(ids) <= 256 + 1, i
+        if len(reference) > 256 + 1:  # truncated to the bin (test_truncation_policy checks how)
+            assert ids.tolist()[:2] == reference[:2], i
+            continue
+        whole += 1
+        assert ids.tolist() == reference, i
+        assert mask.sum() == sum(len(_mistral_tokenizer("mistral-v3").instruct_tokenizer.encode_assistant_message(
+            _assistant(m), False)) for m in messages if m["role"] == "assistant"), i
+    assert whole >= 60
     batch = collate([ds[0], ds[1]])
     assert batch["tokens"].shape == (2, 256)
     assert packed_attention_mask(batch["cu_seqlens"], 256).shape == (2, 1, 256, 256)

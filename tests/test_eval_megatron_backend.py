@@ -12,8 +12,8 @@ import torch
 
 from eval_fixtures import TINY, tiny_hf_model_dir
 
-pytest.importorskip("megatron.core")
-runtime = pytest.importorskip("clinmega.runtime", reason="needs the foundation (clinmega.runtime/models)")
+import eval_parallel_cases as epc  # noqa: E402
+from clinmega import runtime  # noqa: E402  (a broken import fails the module, it is not skipped)
 from clinmega.config.schema import ParallelConfig, PrecisionConfig, RuntimeConfig  # noqa: E402
 from clinmega.cli import main as clinmega_main  # noqa: E402
 from clinmega.evaluation.backends.hf import HFBackend  # noqa: E402
@@ -116,17 +116,17 @@ def test_from_checkpoint_round_trip(backends, tmp_path):
     assert [i["pred"] for i in reports["megatron"]["items"]] == [i["pred"] for i in reports["hf"]["items"]]
 
 
+@pytest.fixture(scope="module")
+def parallel_group(tmp_path_factory):
+    """One spawned 2-rank group runs every case of eval_parallel_cases.TABLE."""
+    return epc.TABLE.spawn(tmp_path_factory.mktemp("eval_parallel"))
+
+
 @pytest.mark.distributed
-def test_tensor_and_expert_parallel_ranks_match_the_plain_layout(tmp_path):
-    from clinmega.runtime.local_group import run_local_group
-
-    import eval_parallel_cases
-
-    ranks = run_local_group(eval_parallel_cases.tp_ep_case, 2, (str(tmp_path),))
-    for rank in ranks:
-        assert set(rank) == {"tiny-mistral-v0.1", "tiny-mixtral"}
-        for name, result in rank.items():
-            assert result["ll_diff"] < 1e-4, (name, result)
-            assert result["greedy_equal"] and result["sampled_equal"], (name, result)
-            full, local = result["params"]
-            assert local < full, (name, result)  # the weights really are split across the two ranks
+@pytest.mark.parametrize("case", [epc.mistral_v01_tp2, epc.mixtral_ep2], ids=lambda c: c.__name__)
+def test_tensor_and_expert_parallel_ranks_match_the_plain_layout(parallel_group, case):
+    for result in parallel_group.ranks(case):
+        assert result["ll_diff"] < 1e-4, (case.__name__, result)
+        assert result["greedy_equal"] and result["sampled_equal"], (case.__name__, result)
+        full, local = result["params"]
+        assert local < full, (case.__name__, result)  # the weights really are split across the two ranks

@@ -60,8 +60,8 @@ def test_entry_point_and_executors_are_declared():
     eps = metadata.entry_points().select(group="nemo_run.cli")
     assert any(ep.name == "clinmega" and ep.value == "clinmega.launch.nemo_run" for ep in eps)
     torchrun = cm.local_executor(nproc_per_node=2)
-    assert torchrun.ntasks_per_node == 2 and "torchrun" in type(torchrun.launcher).__name__.lower() \
-        or torchrun.launcher == "torchrun"
+    assert torchrun.ntasks_per_node == 2
+    assert torchrun.launcher == "torchrun" or "torchrun" in type(torchrun.launcher).__name__.lower()
     slurm = cm.slurm_executor(account="a", partition="p", nodes=2, container_image="img.sqsh")
     assert (slurm.nodes, slurm.ntasks_per_node, slurm.gpus_per_node) == (2, 8, 8)
     assert slurm.container_image == "img.sqsh"

@@ -1,35 +1,54 @@
-"""Loss and gradients under TP/SP/PP/EP equal the single-process ones (2 real gloo ranks)."""
+"""Loss and gradients under TP/SP/PP/EP equal the single-process ones (2 real gloo ranks), and
+packed SFT with uneven loss-token counts gives the per-token mean over the global batch at DP1,
+DP2 and PP2. One spawned group runs every case of parallel_cases.TABLE."""
 
 import math
 
 import pytest
 
-from clinmega.runtime.local_group import run_local_group
+import parallel_cases as pc
 
-import parallel_cases
-
-CASES = {
-    "tiny-mistral-v0.1": ["tp2", "tp2_sp", "pp2", "pp2_vpp2"],
-    # megatron-core's MoE layer refuses TP>1 without sequence parallelism in training.
-    "tiny-mixtral": ["tp2_sp", "pp2", "ep2", "tp2_sp_ep2"],
-}
+LAYOUT_CASES = [pc.mistral_tp2, pc.mistral_tp2_sp, pc.mistral_pp2, pc.mistral_pp2_vpp2,
+                pc.mixtral_tp2_sp, pc.mixtral_pp2, pc.mixtral_ep2, pc.mixtral_tp2_sp_ep2]
+PACKED_CASES = [pc.packed_dp1, pc.packed_dp2, pc.packed_pp2]
+REL_TOL = 1e-5  # per tensor, relative to the tensor's largest reference gradient entry
 
 
-@pytest.fixture(scope="module", params=sorted(CASES))
-def outcome(request, tmp_path_factory):
-    model = request.param
-    tmp = tmp_path_factory.mktemp("equiv")
-    ranks = run_local_group(parallel_cases.equivalence, 2, (str(tmp), model, CASES[model]))
-    assert ranks[0].keys() == ranks[1].keys()
-    return model, ranks[0]
+def name(case) -> str:
+    return case.__name__
+
+
+@pytest.fixture(scope="module")
+def group(tmp_path_factory):
+    return pc.TABLE.spawn(tmp_path_factory.mktemp("equiv"))
+
+
+def assert_gradients_match(r: dict) -> None:
+    assert r["grad_scale"] > 0, r
+    assert r["max_grad_diff"] <= 1e-5, r
+    assert r["min_grad_norm"] > 1e-4, r  # every tensor gets a real gradient
+    assert r["max_rel_diff"] <= REL_TOL, r
 
 
 @pytest.mark.distributed
-def test_layouts_match_single_process(outcome):
-    model, results = outcome
-    assert set(results) == set(CASES[model])
-    for layout, r in results.items():
-        assert math.isfinite(r["loss"]), (layout, r)
-        assert abs(r["loss"] - r["ref_loss"]) <= 1e-5, (layout, r)
-        assert r["grad_scale"] > 0, (layout, r)
-        assert r["max_grad_diff"] <= 1e-5, (layout, r)
+@pytest.mark.parametrize("case", LAYOUT_CASES, ids=name)
+def test_layout_matches_single_process(group, case):
+    a, b = group.ranks(case)
+    assert a.keys() == b.keys()
+    r = a
+    assert math.isfinite(r["loss"]), r
+    assert abs(r["loss"] - r["ref_loss"]) <= 1e-5, r
+    assert_gradients_match(r)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("case", PACKED_CASES, ids=name)
+def test_packed_uneven_loss_is_the_per_token_mean_of_the_global_batch(group, case):
+    r = group[case]
+    per_rank = r["loss_tokens"]
+    assert len({n for t in per_rank for n in t}) > 1, per_rank  # uneven across microbatches...
+    if case is pc.packed_dp2:
+        assert sum(per_rank[0]) != sum(per_rank[1]), per_rank  # ...and across DP ranks
+    assert math.isfinite(r["loss"]), r
+    assert abs(r["loss"] - r["ref_loss"]) <= 1e-5, r
+    assert_gradients_match(r)

@@ -1,6 +1,7 @@
 """Training stage: convergence, DP/optimizer equivalence, kill-and-resume, SIGTERM, NEFTune,
-MoE, NaN policy, FP8 gating, CLI/plot. Multi-rank cases run in one spawned 2-rank gloo group
-(tests/training_cases.py); whole-process behaviour (SIGKILL, SIGTERM, torchrun) in subprocesses."""
+MoE, NaN policy, FP8 gating, CLI/plot. Multi-rank cases are the named case functions of
+training_cases.TABLE, all run by one spawned 2-rank gloo group; each test names the case it asserts
+on. Whole-process behaviour (SIGKILL, SIGTERM, torchrun) runs in subprocesses."""
 
 from __future__ import annotations
 
@@ -18,7 +19,6 @@ import torch
 
 import training_cases as cases
 from clinmega.config import ConfigError
-from clinmega.runtime.local_group import run_local_group
 from clinmega.training.checkpoint import read_latest
 from clinmega.training.config import TrainConfig, load_experiment
 from clinmega.training.data import SyntheticSource, packed_attention_mask
@@ -84,6 +84,50 @@ def killed(tmp_path_factory) -> Path:
     return run_dir
 
 
+# `clinmega train ...` that SIGKILLs its process group (itself and any writer processes) once every
+# tensor of its step-20 checkpoint is on disk (megatron-core's dist_checkpointing.save returned),
+# before that checkpoint is published.
+KILL_DURING_STEP20_SAVE = """
+import os, signal, sys
+from megatron.core import dist_checkpointing
+real = dist_checkpointing.save
+def save(state, directory, *args, **kwargs):
+    out = real(state, directory, *args, **kwargs)
+    if os.path.basename(str(directory)).startswith("iter_0000020"):
+        os.killpg(os.getpgid(0), signal.SIGKILL)
+    return out
+dist_checkpointing.save = save
+from clinmega.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.fixture(scope="module")
+def killed_while_saving(tmp_path_factory) -> Path:
+    """A run (configured for 1000 steps) SIGKILLed while its step-20 checkpoint is being written."""
+    run_dir = tmp_path_factory.mktemp("killed_while_saving")
+    log = run_dir.with_name(run_dir.name + ".stderr")
+    with open(log, "w") as err:
+        proc = subprocess.run([PY, "-c", KILL_DURING_STEP20_SAVE, *cli(run_dir, "train.steps=1000")[3:]],
+                              env=ENV, cwd=cases.ROOT, stdout=subprocess.DEVNULL, stderr=err,
+                              timeout=240, start_new_session=True)
+    assert proc.returncode == -signal.SIGKILL, log.read_text()[-4000:]
+    return run_dir
+
+
+def logged_steps(lines: list[str]) -> list[int]:
+    return [json.loads(line)["step"] for line in lines if line.strip() and '"loss"' in line]
+
+
+def resume(run_dir: Path) -> tuple[dict, list[int]]:
+    """Resume ``run_dir`` to step 20; returns the summary and the steps this process logged."""
+    metrics = run_dir / "metrics.jsonl"
+    before = len(metrics.read_text().splitlines())
+    proc = run_ok(cli(run_dir))
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    return summary, logged_steps(metrics.read_text().splitlines()[before:])
+
+
 def test_cpt_loss_decreases(reference):
     losses = cases.losses(reference)
     assert sorted(losses) == list(range(1, 21))
@@ -96,13 +140,33 @@ def test_kill_and_resume_is_bit_exact(reference, killed):
     assert read_latest(killed / "checkpoints") == 10
     assert not any(p.name.endswith(".tmp") and p.name.startswith("iter_0000010")
                    for p in (killed / "checkpoints").iterdir())
-    run_ok(cli(killed))  # resumes from latest = 10
+    summary, steps = resume(killed)  # resumes from latest = 10
+    assert summary["start_step"] == 10 and summary["step"] == 20, summary
+    assert steps == list(range(11, 21)), steps  # no step before 11 was run again
     ref, resumed = cases.losses(reference), cases.losses(killed)
     for step in range(11, 21):
         assert resumed[step] == ref[step], (step, resumed[step], ref[step])
     assert read_latest(killed / "checkpoints") == 20
     kept = sorted(p.name for p in (killed / "checkpoints").iterdir() if p.name.startswith("iter_"))
     assert kept == ["iter_0000010", "iter_0000020"], kept  # keep_last = 2
+
+
+def test_kill_while_saving_resumes_from_the_previous_checkpoint(reference, killed_while_saving):
+    run_dir = killed_while_saving
+    ckpt = run_dir / "checkpoints"
+    assert read_latest(ckpt) == 10  # the half-published step 20 is not the newest checkpoint
+    partial = [p.name for p in ckpt.iterdir() if p.name.startswith("iter_0000020")]
+    assert partial and "iter_0000020" not in partial, partial  # written, under a temporary name
+    assert max(logged_steps((run_dir / "metrics.jsonl").read_text().splitlines())) == 20
+    summary, steps = resume(run_dir)
+    assert summary["start_step"] == 10 and summary["status"] == "done", summary
+    assert steps == list(range(11, 21)), steps
+    ref, resumed = cases.losses(reference), cases.losses(run_dir)
+    for step in range(11, 21):
+        assert resumed[step] == ref[step], (step, resumed[step], ref[step])
+    assert read_latest(ckpt) == 20
+    kept = sorted(p.name for p in ckpt.iterdir() if p.name.startswith("iter_"))
+    assert kept == ["iter_0000010", "iter_0000020"], kept  # the partial one was replaced
 
 
 def test_torchrun_resume_at_dp2(reference, killed, tmp_path):
@@ -145,26 +209,25 @@ def test_plot_writes_png(reference, tmp_path):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-# --- the 2-rank group ---------------------------------------------------------------------------
+# --- the 2-rank group: one spawn runs every case of training_cases.TABLE ---------------------
 @pytest.fixture(scope="module")
-def group(tmp_path_factory) -> dict:
-    ranks = run_local_group(cases.all_cases, 2, (str(tmp_path_factory.mktemp("group")),))
-    return {"ranks": ranks, **ranks[0]}
+def group(tmp_path_factory):
+    return cases.TABLE.spawn(tmp_path_factory.mktemp("group"))
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("variant", ["dp2_distopt", "dp2_plain"])
-def test_dp2_matches_dp1(group, reference, variant):
-    ref, got = cases.losses(reference), group[variant]
+@pytest.mark.parametrize("case", [cases.dp2_distopt, cases.dp2_plain], ids=lambda c: c.__name__)
+def test_dp2_matches_dp1(group, reference, case):
+    ref, got = cases.losses(reference), group[case]["losses"]
     assert sorted(got) == list(range(1, 21))
     for step in got:
-        assert abs(got[step] - ref[step]) <= 1e-5, (variant, step, got[step], ref[step])
+        assert abs(got[step] - ref[step]) <= 1e-5, (case.__name__, step, got[step], ref[step])
 
 
 @pytest.mark.distributed
 def test_pipeline_with_virtual_stages_matches_dp1(group, reference):
     """PP2 x VPP2 (interleaved 1F1B) from the same initial weights (checkpoint.load_weights)."""
-    ref, got = cases.losses(reference), group["pp2_vpp2"]
+    ref, got = cases.losses(reference), group[cases.pp2_vpp2]
     assert sorted(got) == [1, 2, 3, 4, 5]
     for step in got:
         assert abs(got[step] - ref[step]) <= 1e-5, (step, got[step], ref[step])
@@ -172,13 +235,18 @@ def test_pipeline_with_virtual_stages_matches_dp1(group, reference):
 
 @pytest.mark.distributed
 def test_full_recompute_matches(group):
-    for step, loss in group["recompute_full"].items():
-        assert abs(loss - group["dp2_distopt"][step]) <= 1e-6, (step, loss)
+    recompute, plain = group[cases.recompute_full], group[cases.dp2_distopt]
+    assert sorted(recompute["losses"]) == [1, 2, 3]
+    for step, loss in recompute["losses"].items():
+        assert abs(loss - plain["losses"][step]) <= 1e-6, (step, loss)
+    # ...and it did recompute: the backward ran every layer's forward once more.
+    assert plain["layer_forwards_per_step"] == 4 * 2  # 4 layers x 2 microbatches per rank
+    assert recompute["layer_forwards_per_step"] == 2 * plain["layer_forwards_per_step"]
 
 
 @pytest.mark.distributed
 def test_cpt_rewarm_restarts_the_schedule_when_extended(group):
-    lr = {r["step"]: r["lr"] for r in group["rewarm"]}
+    lr = {r["step"]: r["lr"] for r in group[cases.rewarm]}
     assert sorted(lr) == list(range(1, 9))
     assert 3e-4 < lr[4] < lr[3] < lr[2] == pytest.approx(3e-3)  # the first run decays...
     assert lr[5] == 0.0 and lr[6] == pytest.approx(3e-3)  # ...the extension warms up again
@@ -187,7 +255,7 @@ def test_cpt_rewarm_restarts_the_schedule_when_extended(group):
 
 @pytest.mark.distributed
 def test_mixtral_ep2_sft_trains_with_finite_aux_loss(group):
-    records = group["mixtral_ep2"]
+    records = group[cases.mixtral_ep2]
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     for r in records:
         assert math.isfinite(r["loss"]) and math.isfinite(r["moe_aux_loss"]), r
@@ -196,17 +264,21 @@ def test_mixtral_ep2_sft_trains_with_finite_aux_loss(group):
 
 @pytest.mark.distributed
 def test_neftune_alpha0_equals_off_and_alpha5_differs(group):
-    assert group["sft_alpha0"] == group["sft_off"]
+    off, alpha0, alpha5 = group[cases.sft_off], group[cases.sft_alpha0], group[cases.sft_alpha5]
+    assert sorted(off) == [1, 2, 3]
+    assert alpha0 == off
     for step in (1, 2, 3):  # the noise is in every training forward
-        assert group["sft_alpha5"][step] != group["sft_off"][step]
-        assert abs(group["sft_alpha5"][step] - group["sft_off"][step]) < 0.5
+        assert alpha5[step] != off[step]
+        assert abs(alpha5[step] - off[step]) < 0.5
 
 
-def _check_bound(probe: dict, alpha: float, hidden: int) -> None:
-    noise = probe["noise"]  # [S, b, h]
-    for row, cu in enumerate(probe["cu_seqlens"]):
+def _check_bound(noise: torch.Tensor, loss_mask: torch.Tensor, cu_seqlens: list, alpha: float,
+                 hidden: int) -> None:
+    """``noise`` [S, b, h] of one microbatch: bounded by alpha/sqrt(L*d) per real segment (the
+    code's own segments), zero elsewhere."""
+    for row, cu in enumerate(cu_seqlens):
         covered = torch.zeros(noise.shape[0], dtype=torch.bool)
-        segments = real_segments(probe["loss_mask"][row], cu)
+        segments = real_segments(loss_mask[row], cu)
         assert segments
         for start, length in segments:
             bound = alpha / math.sqrt(length * hidden)
@@ -217,31 +289,115 @@ def _check_bound(probe: dict, alpha: float, hidden: int) -> None:
         assert torch.all(noise[~covered, row] == 0)  # padding and no-loss segments: no noise
 
 
+def _probe_rows(probe: dict, microbatch: int) -> list[dict]:
+    """The hand-made rows (training_cases.PROBE_ROWS) of this rank's microbatch: global batch
+    ``step`` is items step*G ... of the (unshuffled) probe source, DP rank r takes its G/dp share."""
+    G, mbs = 8, 2  # the SFT recipe's global and micro batch
+    dp = 2 // probe["tp_size"]
+    first = probe["step"] * G + probe["dp_rank"] * (G // dp) + microbatch * mbs
+    return [cases.PROBE_ROWS[(first + j) % 2] for j in range(mbs)]
+
+
+def expected_noise(probe: dict, microbatch: int, step: int | None = None) -> torch.Tensor:
+    """NEFTune's noise as documented, rebuilt independently: eps ~ U(-1, 1) of shape [S, b, h]
+    from a torch generator seeded with numpy SeedSequence(seed, step, dp rank, microbatch), times
+    alpha/sqrt(L*d) with L counted by hand (up to each segment's last loss token)."""
+    import numpy as np
+
+    step = probe["step"] if step is None else step
+    rows = _probe_rows(probe, microbatch)
+    S, h, alpha = cases.PROBE_SEQ, probe["hidden"], probe["alpha"]
+    seq = np.random.SeedSequence([probe["seed"], step, probe["dp_rank"], microbatch])
+    gen = torch.Generator().manual_seed(int(seq.generate_state(1, np.uint64)[0] >> 1))
+    eps = torch.rand((S, len(rows), h), generator=gen) * 2 - 1
+    scale = torch.zeros(S, len(rows))
+    for j, row in enumerate(rows):
+        for start, length in row["L"]:
+            scale[start:start + length, j] = alpha / math.sqrt(length * h)
+    return eps * scale[:, :, None]
+
+
+def local_shard(probe: dict, full: torch.Tensor) -> torch.Tensor:
+    if not probe["sequence_parallel"]:
+        return full
+    n = full.shape[0] // probe["tp_size"]
+    return full[probe["tp_rank"] * n:(probe["tp_rank"] + 1) * n]
+
+
+def assert_documented_noise(probe: dict) -> None:
+    """Every microbatch's noise, inside real Trainer.step calls, is the documented draw."""
+    assert len(probe["at_step"]) == len(probe["at_next"]) == 8 // (2 // probe["tp_size"]) // 2
+    for i, (now, nxt) in enumerate(zip(probe["at_step"], probe["at_next"])):
+        expected = local_shard(probe, expected_noise(probe, i))
+        assert expected.abs().max() > 0.1
+        assert now["noise"].shape == expected.shape
+        assert (now["noise"] - expected).abs().max() <= 1e-6, i
+        expected_next = local_shard(probe, expected_noise(probe, i, probe["step"] + 1))
+        assert (nxt["noise"] - expected_next).abs().max() <= 1e-6, i
+    for eval_mb in probe["at_eval"]:
+        assert torch.all(eval_mb["noise"] == 0)  # never at eval
+
+
 @pytest.mark.distributed
-@pytest.mark.parametrize("probe", ["probe_tp2", "probe_tp2_sp"])
-def test_neftune_identical_on_tp_ranks_and_bounded(group, probe):
-    a, b = (r[probe] for r in group["ranks"])
+@pytest.mark.parametrize("case", [cases.neftune_probe_tp2, cases.neftune_probe_tp2_sp,
+                                  cases.neftune_probe_dp2], ids=lambda c: c.__name__)
+def test_neftune_noise_is_the_documented_draw_in_trainer_steps(group, case):
+    probes = group.ranks(case)
+    assert len(probes[0]["at_eval"]) == len(probes[0]["at_step"])
+    for probe in probes:
+        assert_documented_noise(probe)
+
+
+def _full_noise(probes: list[dict], key: str, microbatch: int) -> torch.Tensor:
+    """The full-sequence noise of one microbatch: rank 0's, or both SP shards concatenated."""
+    parts = [p[key][microbatch]["noise"] for p in sorted(probes, key=lambda p: p["tp_rank"])]
+    return torch.cat(parts) if probes[0]["sequence_parallel"] else parts[0]
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("case", [cases.neftune_probe_tp2, cases.neftune_probe_tp2_sp],
+                         ids=lambda c: c.__name__)
+def test_neftune_identical_on_tp_ranks_and_bounded(group, case):
+    a, b = group.ranks(case)
     assert {a["tp_rank"], b["tp_rank"]} == {0, 1}
-    assert torch.equal(a["noise"], b["noise"])
-    assert a["noise"].abs().max() > 0
-    _check_bound(a, 5.0, 64)
-    assert torch.all(a["eval_noise"] == 0)
-    assert not torch.equal(a["other_step_noise"], a["noise"])
+    for i in range(len(a["at_step"])):
+        noise = _full_noise([a, b], "at_step", i)
+        if not a["sequence_parallel"]:
+            assert torch.equal(a["at_step"][i]["noise"], b["at_step"][i]["noise"])
+        assert noise.abs().max() > 0
+        _check_bound(noise, a["loss_mask"][i], a["cu_seqlens"][i], 5.0, 64)
+        assert torch.all(a["at_eval"][i]["noise"] == 0)
+        assert not torch.equal(_full_noise([a, b], "at_next", i), noise)
+
+
+@pytest.mark.distributed
+def test_neftune_sequence_parallel_noise_equals_tp2_noise(group):
+    """Each SP rank's shard of the noise is the matching slice of the non-SP TP2 noise."""
+    tp2 = group.ranks(cases.neftune_probe_tp2)
+    for sp in group.ranks(cases.neftune_probe_tp2_sp):
+        assert sp["sequence_parallel"]
+        for i, mb in enumerate(sp["at_step"]):
+            full = tp2[0]["at_step"][i]["noise"]
+            n = full.shape[0] // 2
+            assert mb["noise"].shape[0] == n
+            part = full[sp["tp_rank"] * n:(sp["tp_rank"] + 1) * n]
+            assert (mb["noise"] - part).abs().max() <= 1e-6, (sp["tp_rank"], i)
 
 
 @pytest.mark.distributed
 def test_neftune_differs_on_dp_ranks(group):
-    a, b = (r["probe_dp2"] for r in group["ranks"])
+    a, b = group.ranks(cases.neftune_probe_dp2)
     assert {a["dp_rank"], b["dp_rank"]} == {0, 1}
-    assert torch.equal(a["scale"], b["scale"])  # same microbatch on both ranks...
-    assert not torch.equal(a["noise"], b["noise"])  # ...different noise
-    _check_bound(a, 5.0, 64)
-    _check_bound(b, 5.0, 64)
+    for i in range(len(a["at_step"])):
+        assert torch.equal(a["scale"][i], b["scale"][i])  # same microbatch on both ranks...
+        assert not torch.equal(a["at_step"][i]["noise"], b["at_step"][i]["noise"])  # ...different noise
+        _check_bound(a["at_step"][i]["noise"], a["loss_mask"][i], a["cu_seqlens"][i], 5.0, 64)
+        _check_bound(b["at_step"][i]["noise"], b["loss_mask"][i], b["cu_seqlens"][i], 5.0, 64)
 
 
 @pytest.mark.distributed
 def test_nan_stop_raises_without_saving(group):
-    out = group["nan_stop"]
+    out = group[cases.nan_stop]
     assert "loss is nan at step 4" in out["error"] and "nan_policy" in out["error"]
     assert out["latest"] == 2  # the step-2 checkpoint; nothing after the NaN
     assert [r["step"] for r in out["records"]] == [1, 2, 3]
@@ -249,15 +405,20 @@ def test_nan_stop_raises_without_saving(group):
 
 @pytest.mark.distributed
 def test_nan_skip_skips_the_step(group):
-    out = group["nan_skip"]
+    out = group[cases.nan_skip]
     assert out["error"] is None and out["latest"] == 6
     skipped = {r["step"]: r["skipped"] for r in out["records"]}
     assert skipped == {1: 0, 2: 0, 3: 0, 4: 1, 5: 0, 6: 0}
+    weights = out["weights_before_step"]
+    assert sorted(weights) == [1, 2, 3, 4, 5, 6]
+    assert torch.equal(weights[5], weights[4])  # the skipped step left the weights unchanged
+    for step in (2, 3, 5):  # the others updated them (step 1 runs at the warmup's lr 0)
+        assert not torch.equal(weights[step + 1], weights[step]), step
 
 
 @pytest.mark.distributed
 def test_fp8_without_transformer_engine_fails_with_documented_message(group):
-    assert group["fp8_error"].startswith("precision.fp8: FP8 needs Transformer Engine")
+    assert group[cases.fp8_without_te].startswith("precision.fp8: FP8 needs Transformer Engine")
 
 
 # --- unit tests (no processes) ------------------------------------------------------------------

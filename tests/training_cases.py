@@ -1,19 +1,24 @@
-"""Multi-rank training cases for test_training.py, all inside one spawned 2-rank gloo group.
+"""Multi-rank training cases for test_training.py: a table of named case functions, all run by
+one spawned 2-rank gloo group (tests/case_table.py); each test names the case it asserts on.
 
-Each case returns plain data (losses, flags) that the tests assert on; the recipe is the tiny CPU
-CPT recipe with overrides, the same one the subprocess tests run single-process.
+Each case returns plain data (losses, records, captured tensors); the recipe is the tiny CPU CPT
+(or SFT) recipe with overrides, the same one the subprocess tests run single-process.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
+from case_table import CaseTable
 from clinmega.config import ConfigError
 from clinmega.training.config import load_experiment
 
+TABLE = CaseTable(__name__)
 ROOT = Path(__file__).resolve().parents[1]
 CPT_RECIPE = ROOT / "recipes" / "tiny_cpu_cpt.yaml"
 SFT_RECIPE = ROOT / "recipes" / "tiny_cpu_sft_neftune.yaml"
@@ -58,130 +63,243 @@ def initial_weights(path: Path) -> Path:
     return path
 
 
-# --- NEFTune probes -----------------------------------------------------------------------------
-def neftune_probe(tmp: Path, parallel: list[str], same_data: bool) -> dict:
-    """Embedding outputs of one packed SFT microbatch with and without NEFTune, on this rank
-    (gathered to the full sequence under sequence parallel)."""
-    from megatron.core import parallel_state as ps
+class LayerForwards:
+    """Counts ``TransformerLayer.forward`` calls (a full-recompute backward runs each one again)."""
 
-    from clinmega.models.dist_ckpt import unwrap
-    from clinmega.runtime import initialize
-    from clinmega.training.loop import build_trainer
+    def __enter__(self):
+        from megatron.core.transformer.transformer_layer import TransformerLayer
 
-    cfg = experiment(SFT_RECIPE, tmp / "probe", "checkpoint.resume=false", *parallel)
-    initialize(cfg.parallel, cfg.runtime)
-    trainer = build_trainer(cfg)
-    model = trainer.model[0]
-    embedding = unwrap(model).embedding
-    captured = []
-    embedding.register_forward_hook(lambda m, i, out: captured.append(out.detach().clone()))
+        self.cls, self.real, self.calls = TransformerLayer, TransformerLayer.forward, 0
 
-    step = 3
-    dp_rank = 0 if same_data else trainer.dp_rank
-    mb = trainer.sampler.microbatches(step, dp_rank, ps.get_data_parallel_world_size())[0]
-    ctx = trainer.neftune.context(mb, step, trainer.dp_rank, 0)
+        def counting(layer, *args, **kwargs):
+            self.calls += 1
+            return self.real(layer, *args, **kwargs)
 
-    def embed(context, training=True, at_step=step):
-        model.train(training)
-        if context is not None and at_step != step:
-            context = trainer.neftune.context(mb, at_step, trainer.dp_rank, 0)
-        from clinmega.training.neftune import NEFTune
+        TransformerLayer.forward = counting
+        return self
 
-        NEFTune.set_context(model, context)
-        with torch.no_grad():
-            embedding(mb["tokens"], position_ids=mb["position_ids"])
-        out = captured.pop()
-        if cfg.parallel.sequence_parallel:
-            parts = [torch.empty_like(out) for _ in range(ps.get_tensor_model_parallel_world_size())]
-            dist.all_gather(parts, out.contiguous(), group=ps.get_tensor_model_parallel_group())
-            out = torch.cat(parts)
-        return out
-
-    clean = embed(None)
-    noise = embed(ctx) - clean
-    return dict(noise=noise, scale=ctx["scale"], loss_mask=mb["loss_mask"],
-                cu_seqlens=mb["cu_seqlens"], eval_noise=embed(ctx, training=False) - clean,
-                other_step_noise=embed(ctx, at_step=step + 1) - clean,
-                tp_rank=ps.get_tensor_model_parallel_rank(), dp_rank=trainer.dp_rank)
+    def __exit__(self, *exc):
+        self.cls.forward = self.real
 
 
-# --- NaN policy ---------------------------------------------------------------------------------
+# --- DP / distributed optimizer / PP+VPP / recompute --------------------------------------------
+@TABLE.case
+def dp2_distopt(tmp: Path) -> dict:
+    """DP2 with the distributed optimizer (DP1 runs as a subprocess in the test)."""
+    with LayerForwards() as count:
+        out = run(CPT_RECIPE, tmp, *CPT_STEPS)
+    return dict(losses=out["losses"], layer_forwards_per_step=count.calls / 20)
+
+
+@TABLE.case
+def dp2_plain(tmp: Path) -> dict:
+    out = run(CPT_RECIPE, tmp, *CPT_STEPS, "train.use_distributed_optimizer=false")
+    return dict(losses=out["losses"])
+
+
+@TABLE.case
+def pp2_vpp2(tmp: Path) -> dict:
+    """Pipeline parallel with virtual stages (4 layers = PP2 x VPP2 chunks of one layer), started
+    from the DP runs' initial weights (megatron seeds each pipeline stage differently)."""
+    return run(CPT_RECIPE, tmp / "run", *CPT_STEPS, "train.steps=5",
+               "parallel.pipeline_parallel=2", "parallel.virtual_pipeline_parallel=2",
+               f"checkpoint.load_weights={initial_weights(tmp / 'init')}")["losses"]
+
+
+@TABLE.case
+def recompute_full(tmp: Path) -> dict:
+    with LayerForwards() as count:
+        out = run(CPT_RECIPE, tmp, *CPT_STEPS, "train.steps=3", "train.recompute_granularity=full",
+                  "train.recompute_method=uniform")
+    return dict(losses=out["losses"], layer_forwards_per_step=count.calls / 3)
+
+
+# --- schedule, MoE, NaN policy, FP8 gating ------------------------------------------------------
+@TABLE.case
+def rewarm(tmp: Path) -> list[dict]:
+    """CPT re-warm: 4 steps, then the same run extended to 8 steps with train.rewarm."""
+    short = ["train.warmup_steps=1", "train.save_interval=0", "logging.tensorboard=false"]
+    run(CPT_RECIPE, tmp, "train.steps=4", *short)
+    return run(CPT_RECIPE, tmp, "train.steps=8", "train.rewarm=true", *short)["records"]
+
+
+@TABLE.case
+def mixtral_ep2(tmp: Path) -> list[dict]:
+    """Tiny Mixtral SFT (packed) with EP2."""
+    return run(SFT_RECIPE, tmp, "model.preset=tiny-mixtral", "parallel.expert_parallel=2",
+               "train.steps=4", "logging.tensorboard=false")["records"]
+
+
 def nan_run(tmp: Path, policy: str) -> dict:
     """Loss forced to NaN at step 4 (a patched forward/backward): stop raises and saves nothing
-    after step 2's checkpoint; skip logs the step as skipped and continues."""
-    import math
-
+    after step 2's checkpoint; skip logs the step as skipped and continues. Also returns a
+    snapshot of the weights as each step's forward/backward starts."""
     from clinmega.training import loop
 
     real = loop.forward_backward
     calls = {"n": 0}
+    weights: dict[int, torch.Tensor] = {}
 
     def poisoned(model, microbatches, forward_only=False):
+        if not forward_only:
+            weights[calls["n"] + 1] = torch.cat([p.detach().flatten().clone()
+                                                 for c in model for p in c.module.parameters()])
         value = real(model, microbatches, forward_only)
         calls["n"] += 1
         return math.nan if calls["n"] == 4 and not forward_only else value
 
     loop.forward_backward = poisoned
-    run_dir = tmp / f"nan_{policy}"
     try:
-        out = run(CPT_RECIPE, run_dir, "train.steps=6", "train.save_interval=2",
+        out = run(CPT_RECIPE, tmp, "train.steps=6", "train.save_interval=2",
                   f"train.nan_policy={policy}", "logging.tensorboard=false")
         out["error"] = None
     except loop.NonFiniteLossError as err:
-        out = dict(error=str(err), records=_records(run_dir))
+        out = dict(error=str(err), records=_records(tmp))
     finally:
         loop.forward_backward = real
     from clinmega.training.checkpoint import read_latest
 
-    out["latest"] = read_latest(run_dir / "checkpoints")
+    out["latest"] = read_latest(tmp / "checkpoints")
+    out["weights_before_step"] = weights
     return out
 
 
-def all_cases(tmp: str) -> dict:
-    from clinmega.runtime import init_process_group
-    from clinmega.config import RuntimeConfig
+@TABLE.case
+def nan_stop(tmp: Path) -> dict:
+    return nan_run(tmp, "stop")
 
-    init_process_group(RuntimeConfig())
-    tmp = Path(tmp)
-    out = {}
-    # DP2 with and without the distributed optimizer (DP1 runs as a subprocess in the test).
-    out["dp2_distopt"] = run(CPT_RECIPE, tmp / "dp2_distopt", *CPT_STEPS)["losses"]
-    out["dp2_plain"] = run(CPT_RECIPE, tmp / "dp2_plain", *CPT_STEPS,
-                           "train.use_distributed_optimizer=false")["losses"]
-    # Pipeline parallel with virtual stages (4 layers = PP2 x VPP2 chunks of one layer), started
-    # from the DP runs' initial weights (megatron seeds each pipeline stage differently).
-    out["pp2_vpp2"] = run(CPT_RECIPE, tmp / "pp2_vpp2", *CPT_STEPS, "train.steps=5",
-                          "parallel.pipeline_parallel=2", "parallel.virtual_pipeline_parallel=2",
-                          f"checkpoint.load_weights={initial_weights(tmp / 'init')}")["losses"]
-    out["recompute_full"] = run(CPT_RECIPE, tmp / "recompute", *CPT_STEPS, "train.steps=3",
-                                "train.recompute_granularity=full",
-                                "train.recompute_method=uniform")["losses"]
-    # CPT re-warm: 4 steps, then the same run extended to 8 steps with train.rewarm.
-    short = ["train.warmup_steps=1", "train.save_interval=0", "logging.tensorboard=false"]
-    run(CPT_RECIPE, tmp / "rewarm", "train.steps=4", *short)
-    out["rewarm"] = run(CPT_RECIPE, tmp / "rewarm", "train.steps=8", "train.rewarm=true",
-                        *short)["records"]
-    # Tiny Mixtral SFT (packed) with EP2.
-    moe = run(SFT_RECIPE, tmp / "mixtral_ep2", "model.preset=tiny-mixtral",
-              "parallel.expert_parallel=2", "train.steps=4", "logging.tensorboard=false")
-    out["mixtral_ep2"] = moe["records"]
-    # SFT: alpha 0 equals the path without NEFTune exactly.
-    out["sft_alpha0"] = run(SFT_RECIPE, tmp / "sft_a0", "train.steps=3", "train.warmup_steps=1",
-                            "train.neftune_alpha=0.0")["losses"]
-    out["sft_off"] = run(SFT_RECIPE, tmp / "sft_off", "train.steps=3", "train.warmup_steps=1",
-                         "train.neftune_alpha=null")["losses"]
-    out["sft_alpha5"] = run(SFT_RECIPE, tmp / "sft_a5", "train.steps=3",
-                            "train.warmup_steps=1")["losses"]
-    # NEFTune probes: TP2 (no SP and SP: identical noise on TP ranks), DP2 (different).
-    out["probe_tp2"] = neftune_probe(tmp / "tp2", ["parallel.tensor_parallel=2"], True)
-    out["probe_tp2_sp"] = neftune_probe(tmp / "tp2sp", ["parallel.tensor_parallel=2",
-                                                         "parallel.sequence_parallel=true"], True)
-    out["probe_dp2"] = neftune_probe(tmp / "dp2", [], True)
-    out["nan_stop"] = nan_run(tmp, "stop")
-    out["nan_skip"] = nan_run(tmp, "skip")
+
+@TABLE.case
+def nan_skip(tmp: Path) -> dict:
+    return nan_run(tmp, "skip")
+
+
+@TABLE.case
+def fp8_without_te(tmp: Path) -> str | None:
     try:
-        run(CPT_RECIPE, tmp / "fp8", "precision.fp8=hybrid")
-        out["fp8_error"] = None
+        run(CPT_RECIPE, tmp, "precision.fp8=hybrid")
     except ConfigError as err:
-        out["fp8_error"] = str(err)
-    return out
+        return str(err)
+    return None
+
+
+# --- NEFTune ------------------------------------------------------------------------------------
+@TABLE.case
+def sft_alpha0(tmp: Path) -> dict:
+    """SFT: alpha 0 equals the path without NEFTune exactly."""
+    return run(SFT_RECIPE, tmp, "train.steps=3", "train.warmup_steps=1",
+               "train.neftune_alpha=0.0")["losses"]
+
+
+@TABLE.case
+def sft_off(tmp: Path) -> dict:
+    return run(SFT_RECIPE, tmp, "train.steps=3", "train.warmup_steps=1",
+               "train.neftune_alpha=null")["losses"]
+
+
+@TABLE.case
+def sft_alpha5(tmp: Path) -> dict:
+    return run(SFT_RECIPE, tmp, "train.steps=3", "train.warmup_steps=1")["losses"]
+
+
+# The NEFTune probes' data: every item is one of two hand-made packed rows (S = the SFT recipe's
+# 48), so both DP ranks see the same microbatches. (start, end, loss start, loss end) per packed
+# segment; L is the length up to the last loss token, which is not the segment's length where
+# the segment ends in non-loss tokens; a segment without loss and the padding tail get no noise.
+PROBE_SEQ = 48
+PROBE_ROWS = [
+    dict(segments=[(0, 20, 8, 16), (20, 40, 26, 40), (40, 44, None, None)], pad_from=44,
+         L=[(0, 16), (20, 20)]),
+    dict(segments=[(0, 30, 10, 25), (30, 48, 35, 41)], pad_from=48, L=[(0, 25), (30, 11)]),
+]
+
+
+def _probe_item(row: dict) -> dict:
+    rng = np.random.default_rng(len(row["segments"]))
+    tokens = torch.as_tensor(rng.integers(1, 64, PROBE_SEQ), dtype=torch.int64)
+    loss_mask = torch.zeros(PROBE_SEQ)
+    positions, cu = [], [0]
+    for start, end, a, b in row["segments"]:
+        if a is not None:
+            loss_mask[a:b] = 1.0
+        positions.append(torch.arange(end - start))
+        cu.append(end)
+    if row["pad_from"] < PROBE_SEQ:
+        tokens[row["pad_from"]:] = 0
+        positions.append(torch.arange(PROBE_SEQ - row["pad_from"]))
+        cu.append(PROBE_SEQ)
+    labels = torch.roll(tokens, -1)
+    labels[loss_mask == 0] = -100
+    return dict(tokens=tokens, labels=labels, loss_mask=loss_mask,
+                position_ids=torch.cat(positions), cu_seqlens=torch.tensor(cu, dtype=torch.int32))
+
+
+class ProbeSource:
+    def __len__(self) -> int:
+        return 64
+
+    def __getitem__(self, index: int) -> dict:
+        return _probe_item(PROBE_ROWS[index % 2])
+
+
+def neftune_probe(tmp: Path, *parallel: str) -> dict:
+    """The embedding output before and after the NEFTune hook, captured in real ``Trainer.step``
+    calls (one forward hook prepended before NEFTune's, one after) of the SFT recipe on the probe
+    data, per microbatch, as this rank holds it (its sequence-parallel shard under SP); plus an
+    eval-mode forward that carries NEFTune contexts, and the step after."""
+    from megatron.core import parallel_state as ps
+
+    from clinmega.models.dist_ckpt import unwrap
+    from clinmega.runtime import initialize
+    from clinmega.training.data import GlobalBatchSampler
+    from clinmega.training.loop import build_trainer
+    from clinmega.training.step import forward_backward
+
+    cfg = experiment(SFT_RECIPE, tmp, "checkpoint.resume=false", "data.shuffle=false", *parallel)
+    initialize(cfg.parallel, cfg.runtime)
+    trainer = build_trainer(cfg)
+    trainer.sampler = GlobalBatchSampler(ProbeSource(), cfg.train.global_batch_size,
+                                         cfg.train.micro_batch_size, 0, False)
+    embedding = unwrap(trainer.model[0]).embedding
+    clean, noisy = [], []
+    embedding.register_forward_hook(lambda m, i, out: clean.append(out.detach().clone()),
+                                    prepend=True)
+    embedding.register_forward_hook(lambda m, i, out: noisy.append(out.detach().clone()))
+
+    def captured() -> list[dict]:
+        out = [dict(clean=c, noise=n - c) for c, n in zip(clean, noisy)]
+        clean.clear(), noisy.clear()
+        return out
+
+    step = 3
+    trainer.step(step)
+    at_step = captured()
+    for chunk in trainer.model:
+        chunk.eval()
+    forward_backward(trainer.model, trainer.microbatches(step), forward_only=True)  # contexts set
+    at_eval = captured()
+    trainer.step(step + 1)
+    at_next = captured()
+    mbs = trainer.microbatches(step)
+    return dict(step=step, at_step=at_step, at_eval=at_eval, at_next=at_next,
+                loss_mask=[mb["loss_mask"] for mb in mbs], cu_seqlens=[mb["cu_seqlens"] for mb in mbs],
+                scale=[mb["neftune"]["scale"] for mb in mbs],
+                sequence_parallel=cfg.parallel.sequence_parallel, seed=cfg.runtime.seed,
+                alpha=cfg.train.neftune_alpha, hidden=cfg.model.hidden_size,
+                tp_rank=ps.get_tensor_model_parallel_rank(), tp_size=ps.get_tensor_model_parallel_world_size(),
+                dp_rank=trainer.dp_rank)
+
+
+@TABLE.case
+def neftune_probe_tp2(tmp: Path) -> dict:
+    return neftune_probe(tmp, "parallel.tensor_parallel=2")
+
+
+@TABLE.case
+def neftune_probe_tp2_sp(tmp: Path) -> dict:
+    return neftune_probe(tmp, "parallel.tensor_parallel=2", "parallel.sequence_parallel=true")
+
+
+@TABLE.case
+def neftune_probe_dp2(tmp: Path) -> dict:
+    return neftune_probe(tmp)
