@@ -23,8 +23,6 @@ from dataclasses import replace
 from pathlib import Path
 
 from clinmega.evaluation.benchmarks import expand_benchmark_names, load_benchmark
-from clinmega.evaluation.report import load_part, save_part, write_report
-from clinmega.evaluation.scoring import run_strategy
 from clinmega.evaluation.strategies import PRESETS, Strategy, parse_strategy
 
 
@@ -128,6 +126,8 @@ def _safe(name: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from clinmega.evaluation.report import load_part, save_part, write_report  # torch: loaded by the verb, not by --help
+    from clinmega.evaluation.scoring import run_strategy
     from clinmega.runtime import detect_world
 
     writer = detect_world().rank == 0  # multi-rank Megatron runs: every rank computes, rank 0 writes

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from clinmega.training.logging import read_metrics
+from clinmega.training.metrics_file import read_metrics
 
 
 def plot_run(run_dir: str | Path, output: str | Path | None = None) -> Path:
