@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import argparse
 import re
-import sys
 
-from clinmega.config.errors import ConfigError
 from clinmega.config.schema import DTYPES, TRANSFORMER_IMPLS, ParallelConfig
-from clinmega.conversion.errors import ConversionError
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -89,9 +86,6 @@ def run_import(args: argparse.Namespace) -> int:
                                  allow_pickle=args.allow_pickle, overwrite=args.overwrite,
                                  transformer_impl=args.transformer_impl,
                                  progress=args.progress))
-    except (ConversionError, ConfigError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
     finally:
         shutdown()
 
@@ -101,16 +95,12 @@ def run_export(args: argparse.Namespace) -> int:
     from clinmega.conversion.exporter import export_hf
     from clinmega.models import get_preset
 
-    try:
-        model = (hf_model_config(args.config) if args.config else
-                 get_preset(args.preset) if args.preset else None)
-        return _report(export_hf(args.ckpt_dir, args.out_dir, model, args.dtype,
-                                 allow_downcast=args.allow_downcast, assets=args.tokenizer,
-                                 overwrite=args.overwrite, max_shard_bytes=args.max_shard_size,
-                                 progress=args.progress))
-    except (ConversionError, ConfigError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    model = (hf_model_config(args.config) if args.config else
+             get_preset(args.preset) if args.preset else None)
+    return _report(export_hf(args.ckpt_dir, args.out_dir, model, args.dtype,
+                             allow_downcast=args.allow_downcast, assets=args.tokenizer,
+                             overwrite=args.overwrite, max_shard_bytes=args.max_shard_size,
+                             progress=args.progress))
 
 
 def register(subparsers) -> None:

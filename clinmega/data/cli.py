@@ -20,7 +20,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import sys
 import types
 import typing
 from pathlib import Path
@@ -126,14 +125,11 @@ def parse_source(text: str) -> BlendSource:
 
 def _run(stage: Callable[[Any], dict[str, Any]], cls: type, section: str, wrote: Callable[[dict], bool]) -> Callable:
     def func(args: argparse.Namespace) -> int:
-        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")  # no-op under clinmega.cli's
+        logging.getLogger("clinmega").setLevel(logging.INFO)                # handler; progress lines
         logging.getLogger("megatron").setLevel(logging.WARNING)  # its dataset builders log every index
-        try:
-            cfg = load_config(cls, args, section)
-            result = stage(cfg)
-        except (ValueError, FileNotFoundError, FileExistsError, KeyError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
+        cfg = load_config(cls, args, section)
+        result = stage(cfg)
         shown = {k: result[k] for k in ("totals", "packing", "output", "documents_flagged", "splits") if k in result}
         print(json.dumps(shown, indent=2))
         return 0 if wrote(result) else 1

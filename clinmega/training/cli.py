@@ -7,25 +7,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
-
-from clinmega.config import ConfigError
 
 
 def _train(args: argparse.Namespace) -> int:
     from clinmega.runtime import shutdown
     from clinmega.training.config import load_experiment
-    from clinmega.training.loop import NonFiniteLossError, train
+    from clinmega.training.loop import train
 
     try:
         cfg = load_experiment([args.recipe], args.overrides)
         summary = train(cfg)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except NonFiniteLossError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 3
     finally:
         shutdown()
     if os.environ.get("RANK", "0") == "0":
@@ -36,11 +27,7 @@ def _train(args: argparse.Namespace) -> int:
 def _plot(args: argparse.Namespace) -> int:
     from clinmega.training.plot import plot_run
 
-    try:
-        print(plot_run(args.run_dir, args.output))
-    except (FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    print(plot_run(args.run_dir, args.output))
     return 0
 
 

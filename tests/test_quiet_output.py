@@ -1,0 +1,63 @@
+"""Quiet output: third-party warnings are counted, not printed, unless --verbose; ours still print."""
+
+import logging
+import os
+import re
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import clinmega
+from clinmega.utils.quiet import library_warnings
+
+ROOT = Path(__file__).resolve().parents[1]
+# A line a third-party warning leaves on stderr: Python's warning format, its source line, or a
+# library logger's message (megatron-core's GPTModel deprecation, TE/apex fallbacks, gloo).
+LIBRARY_LINE = re.compile(r"site-packages|Warning:|warnings\.warn|DEPRECATED|deprecated|Apex|"
+                          r"Transformer Engine|ProcessGroupGloo")
+
+
+def test_library_warnings_counted_ours_printed(capsys):
+    ours = str(Path(clinmega.__file__).parent / "data" / "tokenizers.py")
+    with warnings.catch_warnings(record=True) as shown, library_warnings() as log:
+        warnings.simplefilter("always")
+        warnings.warn_explicit("library deprecation", FutureWarning, "/site-packages/lib/x.py", 3)
+        warnings.warn_explicit("clinmega's own warning", UserWarning, ours, 7)
+        logging.getLogger("megatron.core.models").warning("GPTModel IS DEPRECATED")
+        logging.getLogger("clinmega.data").warning("our log warning")
+        logging.getLogger("torch.distributed").error("a library error still shows")
+        assert os.environ["CLINMEGA_LIBRARY_WARNINGS"] == str(log)
+    err = capsys.readouterr().err
+    assert "library deprecation" not in err and "GPTModel" not in err
+    assert [str(w.message) for w in shown] == ["clinmega's own warning"]  # printed the usual way
+    assert "our log warning" in err and "a library error" in err
+    assert err.rstrip().endswith("2 library warnings; --verbose to show")
+    assert not log.exists() and "CLINMEGA_LIBRARY_WARNINGS" not in os.environ
+    with warnings.catch_warnings(record=True) as shown, library_warnings(verbose=True):
+        warnings.warn_explicit("shown when verbose", FutureWarning, "/site-packages/lib/x.py", 4)
+    assert [str(w.message) for w in shown] == ["shown when verbose"]
+
+
+def test_import_hf_stderr_has_no_library_warning_lines_unless_verbose(tmp_path):
+    from clinmega.models import get_preset
+    from clinmega.models.hf_checkpoint import save_random_hf_checkpoint
+
+    src = save_random_hf_checkpoint(get_preset("tiny-mistral-v0.1"), tmp_path / "hf")
+    env = {k: v for k, v in os.environ.items() if k not in ("TORCH_CPP_LOG_LEVEL", "TRANSFORMERS_VERBOSITY")}
+    env["PYTHONPATH"] = str(ROOT)
+
+    def run(*extra):
+        out = tmp_path / f"m{len(extra)}"
+        result = subprocess.run([sys.executable, "-m", "clinmega.cli", "import-hf", str(src), str(out),
+                                 "--no-progress", *extra], env=env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr
+        assert "import hf: 31 tensors" in result.stdout
+        return result.stderr.splitlines()
+
+    quiet = run()
+    assert [line for line in quiet if LIBRARY_LINE.search(line)] == [], quiet
+    assert re.fullmatch(r"\d+ library warnings?; --verbose to show", quiet[-1]), quiet
+    verbose = run("--verbose")
+    assert any("GPTModel IS DEPRECATED" in line for line in verbose), verbose
+    assert not any("--verbose to show" in line for line in verbose)
