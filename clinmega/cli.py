@@ -97,10 +97,28 @@ def run_verb(args: argparse.Namespace) -> int:
         return int(code)
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse; ``section.key=value`` words the verb's own parser left over become ``args.overrides``
+    (verbs following :mod:`clinmega.config.keys`), anything else is an error."""
+    from clinmega.config.keys import OVERRIDE
+
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    keys = [w for w in extra if OVERRIDE.match(w)]
+    rest = [w for w in extra if not OVERRIDE.match(w)]
+    if keys and not isinstance(getattr(args, "overrides", None), list):
+        parser.error(f"clinmega {args.command} takes no section.key=value overrides: {' '.join(keys)}")
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if keys:
+        args.overrides = [*args.overrides, *keys]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     from clinmega.utils.quiet import library_warnings
 
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     with library_warnings(verbose=getattr(args, "verbose", False), report=_is_rank0()):
         return run_verb(args)
 

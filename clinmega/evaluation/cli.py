@@ -35,9 +35,11 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="megatron: HF config.json (or its folder) describing the checkpoint (default: model_dir)")
     p.add_argument("--tokenizer", type=Path, default=None,
                    help="megatron: tokenizer folder for AutoTokenizer (default: model_dir)")
-    p.add_argument("--tensor-parallel", type=int, default=1,
-                   help="megatron: tensor-parallel ranks (launch one process per rank, e.g. torchrun)")
-    p.add_argument("--expert-parallel", type=int, default=1, help="megatron: expert-parallel ranks (Mixtral)")
+    p.add_argument("--tensor-parallel", "--tp", type=int, default=1,
+                   help="megatron: tensor-parallel ranks (launch one process per rank, e.g. torchrun); "
+                        "= parallel.tensor_parallel")
+    p.add_argument("--expert-parallel", "--ep", type=int, default=1,
+                   help="megatron: expert-parallel ranks (Mixtral); = parallel.expert_parallel")
     p.add_argument("--benchmarks", default="medqa_4options,medmcqa,pubmedqa,mmlu_clinical",
                    help="comma-separated benchmark names or groups (mmlu_clinical)")
     p.add_argument("--data-dir", type=Path, default=None,
@@ -52,7 +54,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=None)
     p.add_argument("--seed", type=int, default=1234, help="exemplar/permutation/sampling/bootstrap seed")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--dtype", default="fp32", type=_dtype, metavar="{fp32,bf16,fp16}",
+                   help="= precision.dtype (float32/bfloat16/float16 are accepted as the same values)")
     p.add_argument("--device", default=None, help="hf backend: cpu or cuda (default: cuda when available)")
     p.add_argument("--medmcqa-cop-base", type=int, choices=(0, 1), default=None,
                    help="MedMCQA 'cop' base when a file cannot tell (0: HF export, 1: GitHub release)")
@@ -63,6 +66,15 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return p
 
 
+def _dtype(text: str) -> str:
+    from clinmega.config.schema import dtype_name
+
+    try:
+        return dtype_name(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def build_backend(args: argparse.Namespace):
     import torch
 
@@ -70,7 +82,9 @@ def build_backend(args: argparse.Namespace):
     if args.backend == "hf":
         from clinmega.evaluation.backends.hf import HFBackend
 
-        return HFBackend.from_pretrained(args.model_dir, dtype=args.dtype, device=device, batch_size=args.batch_size)
+        from clinmega.config.schema import HF_DTYPE_NAMES
+
+        return HFBackend.from_pretrained(args.model_dir, dtype=HF_DTYPE_NAMES[args.dtype], device=device, batch_size=args.batch_size)
     from clinmega.evaluation.backends.megatron import MegatronBackend
 
     return MegatronBackend.from_checkpoint(args.model_dir, model_config=args.model_config, tokenizer=args.tokenizer,

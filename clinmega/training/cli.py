@@ -32,9 +32,14 @@ def _plot(args: argparse.Namespace) -> int:
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("train", help="continuous pretraining / SFT (+NEFTune) on megatron-core")
-    p.add_argument("recipe", help="recipe YAML (an ExperimentConfig)")
-    p.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. train.lr=1e-5")
+    from clinmega.config.keys import keys_help
+    from clinmega.training.config import ExperimentConfig
+
+    p = subparsers.add_parser("train", help="continuous pretraining / SFT (+NEFTune) on megatron-core",
+                              formatter_class=argparse.RawDescriptionHelpFormatter,
+                              epilog=keys_help(ExperimentConfig))
+    p.add_argument("recipe", help="recipe YAML (an ExperimentConfig: the keys below)")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.lr=1e-5")
     p.set_defaults(func=_train)
     p = subparsers.add_parser("plot", help="PNG of a training run's loss/LR curves")
     p.add_argument("run_dir", help="a train run directory (holds metrics.jsonl)")

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional
 
-from clinmega.config import ConfigError, load_config
+from clinmega.config.errors import ConfigError
 from clinmega.config.schema import (
     ClusterConfig,
     ModelConfig,
@@ -209,4 +209,6 @@ class ExperimentConfig:
 
 def load_experiment(sources: Iterable = (), overrides: Iterable[str] = ()) -> ExperimentConfig:
     """An :class:`ExperimentConfig` from recipe files/mappings and ``key.path=value`` overrides."""
+    from clinmega.config.loader import load_config  # OmegaConf: loaded by the verb, not by --help
+
     return load_config(ExperimentConfig, sources, overrides)

@@ -22,9 +22,8 @@ import numpy as np
 import torch
 
 from clinmega.config import ConfigError
+from clinmega.data.sft_dataset import IGNORE_INDEX  # one home: the SFT labels
 from clinmega.training.config import DataConfig, ExperimentConfig
-
-IGNORE_INDEX = -100
 
 
 @runtime_checkable

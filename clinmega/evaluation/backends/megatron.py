@@ -48,12 +48,12 @@ class MegatronBackend(TokenBackend):
         """
         from transformers import AutoTokenizer
 
-        from clinmega.config.schema import ParallelConfig, PrecisionConfig, RuntimeConfig
+        from clinmega.config.schema import ParallelConfig, PrecisionConfig, RuntimeConfig, dtype_name
         from clinmega.models import build_model, from_hf_config
         from clinmega.models.dist_ckpt import load_model_weights
         from clinmega.runtime import initialize
 
-        precision = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[dtype]
+        precision = dtype_name(dtype)  # fp32|bf16|fp16, also float32|bfloat16|float16
         cfg = from_hf_config(model_config or path)
         parallel = ParallelConfig(tensor_parallel=tensor_parallel, expert_parallel=expert_parallel)
         runtime = RuntimeConfig()
