@@ -28,11 +28,14 @@ def test_library_warnings_counted_ours_printed(capsys):
         logging.getLogger("clinmega.data").warning("our log warning")
         logging.getLogger("torch.distributed").error("a library error still shows")
         assert os.environ["CLINMEGA_LIBRARY_WARNINGS"] == str(log)
+        with library_warnings() as nested:  # a clinmega command run by another: counts into the parent's log
+            warnings.warn_explicit("nested library warning", FutureWarning, "/site-packages/lib/y.py", 5)
+        assert nested == log
     err = capsys.readouterr().err
-    assert "library deprecation" not in err and "GPTModel" not in err
+    assert "library deprecation" not in err and "GPTModel" not in err and "nested" not in err
     assert [str(w.message) for w in shown] == ["clinmega's own warning"]  # printed the usual way
     assert "our log warning" in err and "a library error" in err
-    assert err.rstrip().endswith("2 library warnings; --verbose to show")
+    assert err.rstrip().endswith("3 library warnings; --verbose to show") and err.count("library warning") == 1
     assert not log.exists() and "CLINMEGA_LIBRARY_WARNINGS" not in os.environ
     with warnings.catch_warnings(record=True) as shown, library_warnings(verbose=True):
         warnings.warn_explicit("shown when verbose", FutureWarning, "/site-packages/lib/x.py", 4)

@@ -7,7 +7,7 @@ Layout under the checkpoint directory::
     iter_0000020/
     latest             "20": the newest complete checkpoint
 
-A save writes ``iter_XXXXXXX.tmp`` and renames it once every rank has finished, then replaces
+A save writes ``.iter_XXXXXXX.tmp-shared`` (:mod:`clinmega.utils.atomic`) and renames it once every rank has finished, then replaces
 ``latest`` (write to a temp file + ``os.replace``), then deletes all but the last ``keep_last``
 checkpoints: a killed job never leaves a directory that looks complete. With ``async_save`` the
 tensor writes run in the background (megatron-core ``AsyncCallsQueue``) and the rename/``latest``
@@ -37,6 +37,7 @@ from megatron.core import tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 from clinmega.models.dist_ckpt import model_sharded_state_dict, unwrap
+from clinmega.utils.atomic import shared_tmp_dir, write_text_atomic
 
 log = logging.getLogger(__name__)
 LATEST = "latest"
@@ -63,13 +64,7 @@ def read_latest(root: Path) -> int | None:
     return step
 
 
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+write_atomic = write_text_atomic  # the old name (clinmega.utils.atomic is the one home)
 
 
 def _rng_state() -> dict:
@@ -142,7 +137,7 @@ class Checkpointer:
              state: TrainingState) -> Path:
         """Write checkpoint ``step``; returns its final directory."""
         self.finalize(blocking=True)  # one save in flight at a time
-        final, tmp = iteration_dir(self.root, step), iteration_dir(self.root, step).with_suffix(".tmp")
+        final, tmp = iteration_dir(self.root, step), shared_tmp_dir(iteration_dir(self.root, step))
         if self.is_writer:
             self.root.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)
@@ -212,8 +207,9 @@ class Checkpointer:
 
 
 class TerminationFlag:
-    """SIGTERM (and SIGINT) set a flag the loop checks after each step; all ranks agree on it,
-    so every rank saves a final checkpoint and exits together."""
+    """The signals in ``signals`` (default: SIGTERM, Slurm's preemption notice; SIGINT keeps its usual
+    KeyboardInterrupt) set a flag the loop checks after each step; all ranks agree on it, so every
+    rank saves a final checkpoint and exits together."""
 
     def __init__(self, signals=(signal.SIGTERM,)):
         self._received: int | None = None

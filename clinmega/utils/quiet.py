@@ -8,7 +8,9 @@ there were (``12 library warnings; --verbose to show``). clinmega's own warnings
 library, and progress bars are untouched. ``--verbose`` prints everything as usual.
 
 Worker processes share the count: forked workers inherit the hooks, spawned ones call
-:func:`apply_in_worker` (the log file's path travels in ``$CLINMEGA_LIBRARY_WARNINGS``). Warnings
+:func:`apply_in_worker` (the log file's path travels in ``$CLINMEGA_LIBRARY_WARNINGS``), and a
+``clinmega`` command started by another one (``clinmega demo``'s stages) counts into its parent's
+log, so the demo ends with one total. Warnings
 that C++ code writes straight to stderr (gloo's "Unable to resolve hostname" rank warning, c10
 deprecations) cannot be counted; they are silenced by ``TORCH_CPP_LOG_LEVEL=ERROR`` unless the
 user set that variable, and transformers' logger by ``TRANSFORMERS_VERBOSITY=error`` likewise.
@@ -109,6 +111,14 @@ def library_warnings(verbose: bool = False, report: bool = True) -> Iterator[Pat
         finally:
             if previous is None:
                 os.environ.pop(VERBOSE_ENV, None)
+        return
+    parent = os.environ.get(LOG_ENV)
+    if parent and os.path.isfile(parent):  # a clinmega command run by another (the demo's stages):
+        state = _install(parent)           # count into the parent's log; the parent reports
+        try:
+            yield Path(parent)
+        finally:
+            _uninstall(state)
         return
     fd, log = tempfile.mkstemp(prefix="clinmega-library-warnings-", suffix=".log")
     os.close(fd)
