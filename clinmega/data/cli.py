@@ -90,8 +90,15 @@ def load_config(cls: type, args: argparse.Namespace, section: str) -> Any:
     for key in ("inputs", "eval_sets"):
         if isinstance(values.get(key), str):
             values[key] = [values[key]]
+    overrides = []
+    for item in getattr(args, "overrides", None) or []:  # `section.key=value` words (clinmega.cli collects them)
+        head, _, rest = item.partition(".")
+        if head != section:
+            raise ConfigError(f"override {item!r}: keys of this verb are {section}.<field>, e.g. "
+                              f"{section}.{dataclasses.fields(cls)[0].name}=...")
+        overrides.append(rest)
     try:
-        return load_schema(cls, [values])
+        return load_schema(cls, [values], overrides)
     except ConfigError as err:
         where = f"{args.config}: " if getattr(args, "config", None) else ""
         raise ConfigError(f"{where}{section}.{err}") from None
@@ -191,7 +198,10 @@ def register(subparsers: Any) -> None:
     ]
     for parent, name, helptext, cls, stage, wrote in specs:
         p = parent.add_parser(name, help=helptext, description=helptext)
-        p.add_argument("--config", type=Path, default=None, help="YAML file with the same fields")
+        p.add_argument("--config", type=Path, default=None,
+                       help=f"YAML file with the same fields (top level or under '{name}:'); "
+                            f"{name}.<field>=value words override single fields")
+        p.set_defaults(overrides=[])
         add_dataclass_args(p, cls)
         if cls is BlendConfig:
             p.add_argument("--source", action="append", help="NAME=PREFIX:weight=W or NAME=PREFIX:tokens=N")
