@@ -75,7 +75,7 @@ def _hf_model(work: Path) -> Path:
     from transformers import MistralConfig, MistralForCausalLM
 
     from clinmega.conversion import import_hf
-    from clinmega.models.hf_checkpoint import write_tokenizer
+    from clinmega.demo.hf_checkpoint import write_tokenizer
 
     hf = work / "hf"
     if not (work / "ckpt").is_dir():

@@ -16,13 +16,13 @@ TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_atte
 
 
 def mistral_tokenizer_file() -> Path:
-    from clinmega.models.hf_checkpoint import mistral_tokenizer_model
+    from clinmega.demo.hf_checkpoint import mistral_tokenizer_model
 
     return mistral_tokenizer_model(32000)
 
 
 def write_tokenizer(out: Path) -> None:
-    from clinmega.models.hf_checkpoint import write_tokenizer as write_mistral_tokenizer
+    from clinmega.demo.hf_checkpoint import write_tokenizer as write_mistral_tokenizer
 
     write_mistral_tokenizer(out, 32000)
 

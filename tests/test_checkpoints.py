@@ -65,7 +65,7 @@ def recipe(path: Path, run_dir: Path, stage: str, load_weights: Path, data: dict
 def imported(tmp_path_factory):
     """A random tiny Mistral v0.1 HF folder (real Mistral tokenizer) and its import-hf output."""
     from clinmega.conversion import import_hf
-    from clinmega.models.hf_checkpoint import save_random_hf_checkpoint
+    from clinmega.demo.hf_checkpoint import save_random_hf_checkpoint
 
     root = tmp_path_factory.mktemp("imported")
     hf = save_random_hf_checkpoint(get_preset(PRESET), root / "hf", seed=0)

@@ -46,3 +46,35 @@ def test_eval_recipe_args_file_parses_into_known_strategies(tmp_path):
     assert args.command == "eval" and args.seed == 7  # later arguments override the file
     assert [parse_strategy(s).name for s in args.strategies.split(",")][-1] == "medprompt"
     assert "pubmedqa" in expand_benchmark_names(args.benchmarks.split(","))
+
+
+def test_one_convention_keys_aliases_and_one_error_handler(tmp_path, capsys):
+    import pytest
+
+    from clinmega.cli import parse_args
+    from clinmega.config.keys import config_from_args
+
+    # --tp is only an alias of parallel.tensor_parallel; key=value words win over aliases and --config
+    (tmp_path / "layout.yaml").write_text("parallel: {tensor_parallel: 4, pipeline_parallel: 2}\n")
+    args = parse_args(["import-hf", "hf", "out", "--config", str(tmp_path / "layout.yaml"), "--tp", "2",
+                       "parallel.expert_parallel=2"])
+    keys = config_from_args(args)
+    assert (keys.parallel.tensor_parallel, keys.parallel.pipeline_parallel, keys.parallel.expert_parallel) == (2, 2, 2)
+    help_text = build_parser()._subparsers._group_actions[0].choices["import-hf"].format_help()
+    assert "parallel.tensor_parallel = 1   (alias --tp)" in help_text
+    # an unknown key: one line naming the nearest valid key, exit 2
+    (tmp_path / "a.jsonl").write_text('{"text": "x"}\n')
+    argv = ["prepare", "pretrain", "--inputs", str(tmp_path / "a.jsonl"), "--output-prefix", str(tmp_path / "p"),
+            "pretrain.worker=2"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pretrain.worker" in err[0] and "'workers'" in err[0], err
+    assert main(["import-hf", "hf", "out", "parallel.tensor_paralel=2"]) == 2
+    assert "Did you mean one of: 'tensor_parallel'" in capsys.readouterr().err
+    # a verb without keys refuses key=value words; --debug shows the traceback instead of one line
+    with pytest.raises(SystemExit):
+        main(["plot", str(tmp_path), "parallel.tensor_parallel=2"])
+    with pytest.raises(FileNotFoundError, match="metrics.jsonl"):
+        main(["plot", str(tmp_path), "--debug"])
+    # one spelling per dtype: eval takes precision.dtype's names, old spellings map to them
+    assert parse_args(["eval", "m", "--out", "o", "--dtype", "bfloat16"]).dtype == "bf16"

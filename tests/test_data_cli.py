@@ -17,8 +17,10 @@ def _parser():
 
 
 def _run(argv):
+    from clinmega.cli import run_verb  # the one error handler: user errors -> message + exit 2
+
     args = _parser().parse_args(argv)
-    return args.func(args)
+    return run_verb(args)
 
 
 def test_prepare_pretrain_yaml_plus_cli_override_then_blend(tmp_path, capsys):

@@ -240,7 +240,7 @@ def test_missing_input_is_named(tmp_path):
 
 def test_hugging_face_tokenizer_directory(tmp_path):
     from clinmega.data.tokenizers import load_tokenizer
-    from clinmega.models.hf_checkpoint import write_tokenizer
+    from clinmega.demo.hf_checkpoint import write_tokenizer
 
     hf_dir = write_tokenizer(tmp_path / "hf", vocab_size=32000)
     texts = ["Troponin I 0.04 ng/mL, ECG: sinus rhythm.", "Ω-3 résumé 😀"]

@@ -10,7 +10,8 @@ import pytest
 from clinmega.evaluation.benchmarks import LETTERS, Item, load_benchmark
 from clinmega.evaluation.prompts import ANSWER_PHRASE, COT_INSTRUCTION, COT_TRIGGER, Exemplar, build_prompt
 from clinmega.evaluation.scoring import argmax_predictions, rationale_from, run_strategy
-from clinmega.evaluation.strategies import (PRESETS, Strategy, TfidfIndex, candidate_exemplars, majority_vote,
+from clinmega.evaluation.tfidf import TfidfIndex
+from clinmega.evaluation.strategies import (PRESETS, Strategy, candidate_exemplars, majority_vote,
                                             option_orders, parse_strategy, permute)
 
 ITEM = Item("q1", "Which vitamin prevents scurvy?", ("Vitamin A", "Vitamin C", "Vitamin D", "Vitamin K"), 1)

@@ -138,7 +138,7 @@ def test_context_parallel_needs_transformer_engine():
 
 @pytest.mark.parametrize("name", ["tiny-mistral-v0.1", "tiny-mistral-v0.3"])
 def test_random_hf_checkpoint_loads_offline_with_the_real_tokenizer(name, tmp_path):
-    from clinmega.models.hf_checkpoint import save_random_hf_checkpoint
+    from clinmega.demo.hf_checkpoint import save_random_hf_checkpoint
 
     cfg = PRESETS[name]
     save_random_hf_checkpoint(cfg, tmp_path, seed=3)

@@ -138,7 +138,7 @@ def test_cpt_loss_decreases(reference):
 
 def test_kill_and_resume_is_bit_exact(reference, killed):
     assert read_latest(killed / "checkpoints") == 10
-    assert not any(p.name.endswith(".tmp") and p.name.startswith("iter_0000010")
+    assert not any(p.name.startswith((".iter_0000010.tmp", "iter_0000010.tmp"))
                    for p in (killed / "checkpoints").iterdir())
     summary, steps = resume(killed)  # resumes from latest = 10
     assert summary["start_step"] == 10 and summary["step"] == 20, summary

@@ -49,7 +49,7 @@ def _model_fields(schema: type) -> list[str]:
 
 def _preset_layer(schema: type, layers: list[DictConfig]) -> dict:
     """Values of ``<section>.preset`` (last one wins) expanded into full model sections."""
-    from clinmega.models.presets import get_preset  # models depends on config, not the reverse
+    from clinmega.config.presets import get_preset
 
     expanded: dict[str, Any] = {}
     for section in _model_fields(schema):

@@ -13,7 +13,19 @@ from typing import Optional
 from clinmega.config.errors import ConfigError
 
 ARCHS = ("mistral", "mixtral")
-DTYPES = ("fp32", "bf16", "fp16")
+DTYPES = ("fp32", "bf16", "fp16")  # the one spelling of a dtype on every command line and recipe
+# The same dtypes as Hugging Face / torch name them (config.json's torch_dtype); accepted on input
+# for compatibility and mapped to the names above. torch objects: clinmega.models.builder.DTYPES;
+# safetensors header codes: clinmega.conversion.hf_io.SAFETENSORS_DTYPES.
+HF_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def dtype_name(text: str) -> str:
+    """'bf16' or 'bfloat16' -> 'bf16' (the canonical spelling); a ConfigError names the choices."""
+    name = {v: k for k, v in HF_DTYPE_NAMES.items()}.get(text, text)
+    if name not in DTYPES:
+        raise ConfigError(f"dtype {text!r} is not one of {list(DTYPES)}")
+    return name
 FP8_FORMATS = ("hybrid", "e4m3")
 FP8_RECIPES = ("delayed", "tensorwise", "mxfp8")
 BACKENDS = ("auto", "nccl", "gloo")

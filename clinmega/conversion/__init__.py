@@ -2,12 +2,21 @@
 
 ``import_hf`` turns a HF folder into a megatron-core distributed checkpoint (torch_dist) loadable
 at any TP/PP/EP layout; ``export_hf`` turns such a checkpoint back into a HF folder. Both share
-the declarative mapping table in :mod:`clinmega.conversion.mapping`.
+the declarative mapping table in :mod:`clinmega.conversion.mapping`. Names are exported lazily
+(:mod:`clinmega.utils.lazy`), so ``clinmega.conversion.errors`` imports without torch.
 """
 
-from clinmega.conversion.errors import ConversionError
-from clinmega.conversion.exporter import export_hf
-from clinmega.conversion.importer import import_hf
-from clinmega.conversion.progress import Summary
+from typing import TYPE_CHECKING
 
-__all__ = ["ConversionError", "Summary", "export_hf", "import_hf"]
+from clinmega.utils.lazy import lazy_exports
+
+_WHERE = {"ConversionError": "clinmega.conversion.errors", "Summary": "clinmega.conversion.progress",
+          "export_hf": "clinmega.conversion.exporter", "import_hf": "clinmega.conversion.importer"}
+__all__ = sorted(_WHERE)
+__getattr__, __dir__ = lazy_exports(__name__, _WHERE)
+
+if TYPE_CHECKING:
+    from clinmega.conversion.errors import ConversionError
+    from clinmega.conversion.exporter import export_hf
+    from clinmega.conversion.importer import import_hf
+    from clinmega.conversion.progress import Summary

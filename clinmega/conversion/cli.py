@@ -4,11 +4,37 @@ from __future__ import annotations
 
 import argparse
 import re
-import sys
+from dataclasses import dataclass, field, replace
 
-from clinmega.config.errors import ConfigError
-from clinmega.config.schema import DTYPES, TRANSFORMER_IMPLS, ParallelConfig
-from clinmega.conversion.errors import ConversionError
+from clinmega.config.keys import Alias, add_config_arguments, config_from_args
+from clinmega.config.schema import DTYPES, TRANSFORMER_IMPLS, ParallelConfig, _choice
+
+
+@dataclass
+class ImportRuntime:
+    transformer_impl: str = "auto"  # layer implementation whose checkpoint keys to write
+
+    def __post_init__(self):
+        _choice("runtime", "transformer_impl", self.transformer_impl, TRANSFORMER_IMPLS)
+
+
+@dataclass
+class ImportKeys:
+    """``import-hf``'s keys: the target layout (checked on one process; written by each rank under
+    torchrun/Slurm; sequence_parallel is on whenever tensor_parallel > 1) and the layer implementation."""
+
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    runtime: ImportRuntime = field(default_factory=ImportRuntime)
+
+
+IMPORT_ALIASES = (
+    Alias("--tp", "parallel.tensor_parallel", int, "tensor parallel size"),
+    Alias("--pp", "parallel.pipeline_parallel", int, "pipeline parallel size"),
+    Alias("--vpp", "parallel.virtual_pipeline_parallel", int, "virtual pipeline stages per rank"),
+    Alias("--ep", "parallel.expert_parallel", int, "expert parallel size"),
+    Alias("--etp", "parallel.expert_tensor_parallel", int, "expert tensor parallel size (default: tensor_parallel)"),
+    Alias("--transformer-impl", "runtime.transformer_impl", str, f"one of {list(TRANSFORMER_IMPLS)}"),
+)
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -39,21 +65,12 @@ def _common(parser: argparse.ArgumentParser) -> None:
 def add_import_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("hf_dir", help="HF model folder (config.json + safetensors)")
     parser.add_argument("out_dir", help="output megatron-core distributed checkpoint folder")
-    layout = parser.add_argument_group("target layout (checked on one process; written by "
-                                       "each rank under torchrun/Slurm)")
-    layout.add_argument("--tp", type=int, default=1, help="tensor parallel size")
-    layout.add_argument("--pp", type=int, default=1, help="pipeline parallel size")
-    layout.add_argument("--vpp", type=int, default=None, help="virtual pipeline stages per rank")
-    layout.add_argument("--ep", type=int, default=1, help="expert parallel size")
-    layout.add_argument("--etp", type=int, default=None,
-                        help="expert tensor parallel size (default: --tp)")
     parser.add_argument("--tokenizer", default=None,
                         help="folder with the tokenizer / generation_config files to carry in the "
                              "checkpoint (default: hf_dir's)")
     parser.add_argument("--allow-pickle", action="store_true",
                         help="read pytorch_model*.bin (torch.load weights_only=True)")
-    parser.add_argument("--transformer-impl", choices=TRANSFORMER_IMPLS, default="auto",
-                        help="layer implementation whose checkpoint keys to write")
+    add_config_arguments(parser, ImportKeys, IMPORT_ALIASES)
     vocab = parser.add_argument_group(
         "vocabulary extension (CPT/SFT with new tokens): new embedding and output rows are the "
         "mean of the existing ones; the extended tokenizer is saved in OUT/hf_assets")
@@ -96,19 +113,15 @@ def run_import(args: argparse.Namespace) -> int:
     try:
         add_tokens = parse_tokens(args.add_tokens) if args.add_tokens else []
         add_special = parse_tokens(args.add_special_tokens) if args.add_special_tokens else []
-        parallel = ParallelConfig(tensor_parallel=args.tp, pipeline_parallel=args.pp,
-                                  virtual_pipeline_parallel=args.vpp, expert_parallel=args.ep,
-                                  expert_tensor_parallel=args.etp,
-                                  sequence_parallel=args.tp > 1)
+        keys = config_from_args(args)
+        parallel = replace(keys.parallel, sequence_parallel=keys.parallel.sequence_parallel
+                           or keys.parallel.tensor_parallel > 1)
         return _report(import_hf(args.hf_dir, args.out_dir, parallel, args.dtype,
                                  allow_downcast=args.allow_downcast,
                                  allow_pickle=args.allow_pickle, overwrite=args.overwrite,
-                                 transformer_impl=args.transformer_impl,
+                                 transformer_impl=keys.runtime.transformer_impl,
                                  progress=args.progress, add_tokens=add_tokens,
                                  add_special_tokens=add_special, tokenizer=args.tokenizer))
-    except (ConversionError, ConfigError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
     finally:
         shutdown()
 
@@ -118,16 +131,12 @@ def run_export(args: argparse.Namespace) -> int:
     from clinmega.conversion.exporter import export_hf
     from clinmega.models import get_preset
 
-    try:
-        model = (hf_model_config(args.config) if args.config else
-                 get_preset(args.preset) if args.preset else None)
-        return _report(export_hf(args.ckpt_dir, args.out_dir, model, args.dtype,
-                                 allow_downcast=args.allow_downcast, assets=args.tokenizer,
-                                 overwrite=args.overwrite, max_shard_bytes=args.max_shard_size,
-                                 progress=args.progress))
-    except (ConversionError, ConfigError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    model = (hf_model_config(args.config) if args.config else
+             get_preset(args.preset) if args.preset else None)
+    return _report(export_hf(args.ckpt_dir, args.out_dir, model, args.dtype,
+                             allow_downcast=args.allow_downcast, assets=args.tokenizer,
+                             overwrite=args.overwrite, max_shard_bytes=args.max_shard_size,
+                             progress=args.progress))
 
 
 def register(subparsers) -> None:

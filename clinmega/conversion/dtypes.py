@@ -5,10 +5,11 @@ from __future__ import annotations
 import torch
 
 from clinmega.conversion.errors import ConversionError
+from clinmega.config.schema import HF_DTYPE_NAMES
 from clinmega.models.builder import DTYPES
 
 NAMES = {v: k for k, v in DTYPES.items()}
-HF_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+HF_NAMES = {DTYPES[k]: hf for k, hf in HF_DTYPE_NAMES.items()}  # torch dtype -> config.json torch_dtype
 
 
 def parse(name: str | None) -> torch.dtype | None:

@@ -35,10 +35,10 @@ PICKLE_INDEX = "pytorch_model.bin.index.json"
 PICKLE_SINGLE = "pytorch_model.bin"
 # Files copied next to the weights (tokenizer and generation settings), when present.
 
-DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16,
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16,
           "F16": torch.float16, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
           "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
-DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+SAFETENSORS_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 
 
 MAX_HEADER_BYTES = 100 * 2**20
@@ -71,7 +71,7 @@ def _safetensors_header(file: Path) -> dict[str, TensorInfo]:
         if name == "__metadata__":
             continue
         try:
-            dtype, shape = DTYPES[entry["dtype"]], tuple(int(d) for d in entry["shape"])
+            dtype, shape = SAFETENSORS_DTYPES[entry["dtype"]], tuple(int(d) for d in entry["shape"])
             begin, end = (int(x) for x in entry["data_offsets"])
         except (KeyError, TypeError, ValueError) as err:
             raise ConversionError(f"{file}: tensor {name!r}: bad header entry {entry!r} "
@@ -186,7 +186,7 @@ def _split_shards(planned: Sequence[PlannedTensor], max_bytes: int) -> list[list
 def _header(shard: Sequence[PlannedTensor]) -> bytes:
     entries, offset = {}, 0
     for t in shard:
-        entries[t.name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape),
+        entries[t.name] = {"dtype": SAFETENSORS_NAMES[t.dtype], "shape": list(t.shape),
                            "data_offsets": [offset, offset + t.nbytes]}
         offset += t.nbytes
     entries["__metadata__"] = {"format": "pt"}

@@ -1,7 +1,8 @@
-"""Atomic output folders: write into ``<out>.incomplete``, rename to ``<out>`` when complete.
+"""Atomic output folders: write into ``.<out>.tmp-shared`` (:func:`clinmega.utils.atomic.shared_tmp_dir`,
+the same name on every rank), rename to ``<out>`` when complete.
 
-A killed run leaves at most the ``.incomplete`` folder (removed by the next run), never a folder
-that looks like a finished checkpoint.
+A killed run leaves at most that hidden folder (removed by the next run), never a folder that looks
+like a finished checkpoint.
 """
 
 from __future__ import annotations
@@ -13,13 +14,10 @@ from pathlib import Path
 from typing import Iterator
 
 from clinmega.conversion.errors import ConversionError
-
-SUFFIX = ".incomplete"
-
+from clinmega.utils.atomic import shared_tmp_dir
 
 def staging_dir(out: str | Path) -> Path:
-    out = Path(out)
-    return out.with_name(out.name + SUFFIX)
+    return shared_tmp_dir(out)
 
 
 def check_output(out: str | Path, overwrite: bool) -> None:

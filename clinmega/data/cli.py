@@ -23,8 +23,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import logging
 import sys
+import logging
 import types
 import typing
 from pathlib import Path
@@ -96,8 +96,15 @@ def load_config(cls: type, args: argparse.Namespace, section: str) -> Any:
     for key in ("inputs", "eval_sets"):
         if isinstance(values.get(key), str):
             values[key] = [values[key]]
+    overrides = []
+    for item in getattr(args, "overrides", None) or []:  # `section.key=value` words (clinmega.cli collects them)
+        head, _, rest = item.partition(".")
+        if head != section:
+            raise ConfigError(f"override {item!r}: keys of this verb are {section}.<field>, e.g. "
+                              f"{section}.{dataclasses.fields(cls)[0].name}=...")
+        overrides.append(rest)
     try:
-        return load_schema(cls, [values])
+        return load_schema(cls, [values], overrides)
     except ConfigError as err:
         where = f"{args.config}: " if getattr(args, "config", None) else ""
         raise ConfigError(f"{where}{section}.{err}") from None
@@ -131,14 +138,11 @@ def parse_source(text: str) -> BlendSource:
 
 def _run(stage: Callable[[Any], dict[str, Any]], cls: type, section: str, wrote: Callable[[dict], bool]) -> Callable:
     def func(args: argparse.Namespace) -> int:
-        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")  # no-op under clinmega.cli's
+        logging.getLogger("clinmega").setLevel(logging.INFO)                # handler; progress lines
         logging.getLogger("megatron").setLevel(logging.WARNING)  # its dataset builders log every index
-        try:
-            cfg = load_config(cls, args, section)
-            result = stage(cfg)
-        except (ValueError, FileNotFoundError, FileExistsError, KeyError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
+        cfg = load_config(cls, args, section)
+        result = stage(cfg)
         shown = {k: result[k] for k in ("totals", "packing", "output", "documents_flagged", "splits") if k in result}
         print(json.dumps(shown, indent=2))
         from clinmega.data.manifest import damage_line
@@ -219,7 +223,10 @@ def register(subparsers: Any) -> None:
     ]
     for parent, name, helptext, cls, stage, wrote in specs:
         p = parent.add_parser(name, help=helptext, description=helptext)
-        p.add_argument("--config", type=Path, default=None, help="YAML file with the same fields")
+        p.add_argument("--config", type=Path, default=None,
+                       help=f"YAML file with the same fields (top level or under '{name}:'); "
+                            f"{name}.<field>=value words override single fields")
+        p.set_defaults(overrides=[])
         add_dataclass_args(p, cls)
         if cls is BlendConfig:
             p.add_argument("--source", action="append", help="NAME=PREFIX:weight=W or NAME=PREFIX:tokens=N")

@@ -45,7 +45,7 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 import orjson
 
-from clinmega.data.atomic import staging_dir, write_json_atomic
+from clinmega.utils.atomic import staging_dir, write_json_atomic
 from clinmega.data.config import DecontamConfig
 from clinmega.data.manifest import FileStats, build_manifest, merge_chunk_stats, report_damage
 from clinmega.data.parallel import run_chunk_tasks

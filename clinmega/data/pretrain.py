@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from clinmega.data.atomic import staging_dir, write_json_atomic
+from clinmega.utils.atomic import staging_dir, write_json_atomic
 from clinmega.data.config import PretrainPrepConfig
 from clinmega.data.indexed import append_sequences, finish, merge_shards, new_builder
 from clinmega.data.manifest import FileStats, build_manifest, merge_chunk_stats, report_damage

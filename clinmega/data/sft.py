@@ -51,7 +51,7 @@ from typing import Any
 
 import numpy as np
 
-from clinmega.data.atomic import publish_dir, staging_dir, write_json_atomic
+from clinmega.utils.atomic import publish_dir, staging_dir, write_json_atomic
 from clinmega.data.config import TEMPLATES, TRUNCATION, SFTPrepConfig
 from clinmega.data.indexed import (
     append_sequences,

@@ -89,7 +89,7 @@ def run_demo(opts: DemoOptions) -> dict:
     from clinmega.evaluation.benchmarks import SYNTHETIC_DIR
     from clinmega.evaluation.synthetic_data import synthetic_files
     from clinmega.models import get_preset
-    from clinmega.models.hf_checkpoint import save_random_hf_checkpoint
+    from clinmega.demo.hf_checkpoint import save_random_hf_checkpoint
 
     out = opts.out
     out.mkdir(parents=True, exist_ok=True)

@@ -23,8 +23,6 @@ from dataclasses import replace
 from pathlib import Path
 
 from clinmega.evaluation.benchmarks import expand_benchmark_names, load_benchmark
-from clinmega.evaluation.report import load_part, save_part, write_report
-from clinmega.evaluation.scoring import run_strategy
 from clinmega.evaluation.strategies import PRESETS, PROMPT_FORMATS, Strategy, parse_strategy
 
 
@@ -41,9 +39,11 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         "(default: the model the checkpoint records)")
     p.add_argument("--tokenizer", type=Path, default=None,
                    help="megatron: tokenizer folder for AutoTokenizer (default: the checkpoint's hf_assets)")
-    p.add_argument("--tensor-parallel", type=int, default=1,
-                   help="megatron: tensor-parallel ranks (launch one process per rank, e.g. torchrun)")
-    p.add_argument("--expert-parallel", type=int, default=1, help="megatron: expert-parallel ranks (Mixtral)")
+    p.add_argument("--tensor-parallel", "--tp", type=int, default=1,
+                   help="megatron: tensor-parallel ranks (launch one process per rank, e.g. torchrun); "
+                        "= parallel.tensor_parallel")
+    p.add_argument("--expert-parallel", "--ep", type=int, default=1,
+                   help="megatron: expert-parallel ranks (Mixtral); = parallel.expert_parallel")
     p.add_argument("--benchmarks", default="medqa_4options,medmcqa,pubmedqa,mmlu_clinical",
                    help="comma-separated benchmark names or groups (mmlu_clinical)")
     p.add_argument("--data-dir", type=Path, default=None,
@@ -62,9 +62,10 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=None)
     p.add_argument("--seed", type=int, default=1234, help="exemplar/permutation/sampling/bootstrap seed")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
-                   help="default: bfloat16 on CUDA (fp32 forces Transformer Engine's unfused "
-                        "attention), float32 on CPU")
+    p.add_argument("--dtype", default=None, type=_dtype, metavar="{fp32,bf16,fp16}",
+                   help="= precision.dtype (float32/bfloat16/float16 are accepted as the same values); "
+                        "default: bf16 on CUDA (fp32 forces Transformer Engine's unfused attention), "
+                        "fp32 on CPU")
     p.add_argument("--device", default=None, help="hf backend: cpu or cuda (default: cuda when available)")
     p.add_argument("--medmcqa-cop-base", type=int, choices=(0, 1), default=None,
                    help="MedMCQA 'cop' base when a file cannot tell (0: HF export, 1: GitHub release)")
@@ -75,6 +76,15 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return p
 
 
+def _dtype(text: str) -> str:
+    from clinmega.config.schema import dtype_name
+
+    try:
+        return dtype_name(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def build_backend(args: argparse.Namespace):
     import torch
 
@@ -82,7 +92,9 @@ def build_backend(args: argparse.Namespace):
     if args.backend == "hf":
         from clinmega.evaluation.backends.hf import HFBackend
 
-        return HFBackend.from_pretrained(args.model_dir, dtype=args.dtype, device=device, batch_size=args.batch_size)
+        from clinmega.config.schema import HF_DTYPE_NAMES
+
+        return HFBackend.from_pretrained(args.model_dir, dtype=HF_DTYPE_NAMES[args.dtype], device=device, batch_size=args.batch_size)
     from clinmega.evaluation.backends.megatron import MegatronBackend
 
     return MegatronBackend.from_checkpoint(args.model_dir, model_config=args.model_config, tokenizer=args.tokenizer,
@@ -157,10 +169,12 @@ def _safe(name: str) -> str:
 def default_dtype() -> str:
     import torch
 
-    return "bfloat16" if torch.cuda.is_available() else "float32"
+    return "bf16" if torch.cuda.is_available() else "fp32"
 
 
 def run(args: argparse.Namespace) -> int:
+    from clinmega.evaluation.report import load_part, save_part, write_report  # torch: loaded by the verb, not by --help
+    from clinmega.evaluation.scoring import run_strategy
     from clinmega.runtime import detect_world
 
     args.dtype = args.dtype or default_dtype()

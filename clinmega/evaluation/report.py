@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -15,6 +14,7 @@ import numpy as np
 
 from clinmega.evaluation.benchmarks import BENCHMARK_GROUPS
 from clinmega.evaluation.scoring import ItemResult
+from clinmega.utils.atomic import tmp_sibling
 
 METRICS = ("acc", "acc_norm", "acc_bytes")
 AGGREGATED_GROUPS = ("multimedqa",)  # lm-eval groups with a size-weighted mean acc (aggregate_metric_list)
@@ -217,14 +217,11 @@ def load_part(path: Path, key: str) -> tuple[list[ItemResult], float] | None:
 
 
 def _atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
+    """``write(tmp)`` then rename ``tmp`` to ``path`` (:mod:`clinmega.utils.atomic`'s temp names)."""
+    tmp = tmp_sibling(path)
     try:
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the final file the usual mode
         write(tmp)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise

@@ -10,7 +10,7 @@ A `Strategy` is a set of orthogonal knobs; presets name common combinations and 
 * ``target``: log-likelihood scoring of the option letters (default) or of the option texts (then
   ``acc_norm`` differs from ``acc``);
 * ``shots`` / ``selection``: few-shot exemplars from the train split, ``fixed`` (the first ones),
-  ``random`` (seeded per item) or ``knn`` (nearest by TF-IDF cosine similarity, `TfidfIndex`);
+  ``random`` (seeded per item) or ``knn`` (nearest by TF-IDF cosine similarity, `clinmega.evaluation.tfidf.TfidfIndex`);
 * ``cot``: chain of thought (generation); few-shot CoT exemplars use the item's explanation when the
   release has one, else a rationale the model generated itself and that reached the right answer
   (Medprompt's self-generated CoT);
@@ -23,12 +23,9 @@ from __future__ import annotations
 
 import math
 import random
-import re
 from collections import Counter
 from dataclasses import dataclass, fields, replace
 from typing import Literal, Sequence
-
-import numpy as np
 
 from clinmega.evaluation.benchmarks import Item
 
@@ -110,51 +107,6 @@ def parse_strategy(spec: str) -> Strategy:
 
 
 # ------------------------------------------------------------------------------------ exemplar choice
-_WORD = re.compile(r"[a-z0-9]+")
-
-
-def _terms(text: str) -> list[str]:
-    return _WORD.findall(text.lower())
-
-
-class TfidfIndex:
-    """TF-IDF vectors of the train texts (raw counts x smooth idf, L2-normalised, like scikit-learn's
-    ``TfidfVectorizer(token_pattern=r"[a-z0-9]+")`` defaults) and cosine-similarity ranking."""
-
-    def __init__(self, texts: Sequence[str]):
-        self.vocab: dict[str, int] = {}
-        rows, cols, counts = [], [], []
-        for r, text in enumerate(texts):
-            for term, count in Counter(_terms(text)).items():
-                rows.append(r)
-                cols.append(self.vocab.setdefault(term, len(self.vocab)))
-                counts.append(count)
-        self.n_docs = len(texts)
-        self.rows, self.cols = np.array(rows, dtype=np.int64), np.array(cols, dtype=np.int64)
-        df = np.bincount(self.cols, minlength=len(self.vocab))
-        self.idf = np.log((1 + self.n_docs) / (1 + df)) + 1.0
-        weights = np.array(counts, dtype=np.float64) * self.idf[self.cols]
-        norms = np.sqrt(np.bincount(self.rows, weights=weights**2, minlength=self.n_docs))
-        self.weights = weights / np.where(norms > 0, norms, 1.0)[self.rows]
-
-    def query_vector(self, text: str) -> np.ndarray:
-        q = np.zeros(len(self.vocab))
-        for term, count in Counter(_terms(text)).items():
-            if term in self.vocab:
-                q[self.vocab[term]] = count * self.idf[self.vocab[term]]
-        norm = np.linalg.norm(q)
-        return q / norm if norm > 0 else q
-
-    def similarities(self, text: str) -> np.ndarray:
-        q = self.query_vector(text)
-        return np.bincount(self.rows, weights=self.weights * q[self.cols], minlength=self.n_docs)
-
-    def ranking(self, text: str) -> list[int]:
-        """Train indices, most similar first (ties: lower index first)."""
-        sims = self.similarities(text)
-        return np.lexsort((np.arange(self.n_docs), -sims)).tolist()
-
-
 def item_text(item: Item) -> str:
     return " ".join(filter(None, [item.context, item.question]))
 
@@ -168,6 +120,8 @@ def candidate_exemplars(items: Sequence[Item], train: Sequence[Item], strategy: 
         return [[] for _ in items]
     if not train:
         raise ValueError(f"strategy {strategy.name} needs a train split for {strategy.shots} shots")
+    from clinmega.evaluation.tfidf import TfidfIndex  # numpy: loaded when exemplars are chosen, not by --help
+
     index = TfidfIndex([item_text(t) for t in train]) if strategy.selection == "knn" else None
     out = []
     for n, item in enumerate(items):

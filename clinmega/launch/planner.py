@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 from clinmega.config.errors import ConfigError
 from clinmega.config.schema import ClusterConfig, ModelConfig, ParallelConfig
-from clinmega.models.builder import check_layout
+from clinmega.models.layout import check_layout
 from clinmega.models.flops import training_flops_per_token
 
 GIB = 1024**3

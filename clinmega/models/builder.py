@@ -19,6 +19,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from clinmega.config.errors import ConfigError
 from clinmega.config.schema import ModelConfig, ParallelConfig, PrecisionConfig, RuntimeConfig
+from clinmega.models.layout import check_layout
 from clinmega.models.spec import decoder_block_spec, resolve_transformer_impl
 from clinmega.models.vocab import install_padded_vocab_mask
 
@@ -38,29 +39,6 @@ def fused_wgrad_available() -> bool:
     log.info("gradient_accumulation_fusion: %s", "on (apex fused_weight_gradient_mlp_cuda)" if found
              else "off (apex's fused_weight_gradient_mlp_cuda does not import)")
     return found
-
-
-def check_layout(model: ModelConfig, parallel: ParallelConfig) -> None:
-    """Reject layouts the model cannot be split into, naming the field."""
-    tp, pp = parallel.tensor_parallel, parallel.pipeline_parallel
-    if model.num_query_groups % tp:
-        raise ConfigError(f"parallel.tensor_parallel: {tp} does not divide the "
-                          f"{model.num_query_groups} KV groups (model.num_query_groups)")
-    if model.ffn_hidden_size % tp:
-        raise ConfigError(f"parallel.tensor_parallel: {tp} does not divide "
-                          f"model.ffn_hidden_size={model.ffn_hidden_size}")
-    stages = pp * (parallel.virtual_pipeline_parallel or 1)
-    if model.num_layers % stages:
-        raise ConfigError(f"parallel.pipeline_parallel: {model.num_layers} layers cannot be split "
-                          f"evenly into PP*VPP = {stages} stages")
-    if parallel.expert_parallel > 1 and not model.is_moe:
-        raise ConfigError("parallel.expert_parallel: the model has no experts")
-    if model.is_moe and tp > 1 and not parallel.sequence_parallel:
-        raise ConfigError("parallel.sequence_parallel: megatron-core's MoE layer requires sequence "
-                          "parallelism whenever tensor_parallel > 1; set it to true")
-    if model.is_moe and model.num_experts % parallel.expert_parallel:
-        raise ConfigError(f"parallel.expert_parallel: {parallel.expert_parallel} does not divide "
-                          f"model.num_experts={model.num_experts}")
 
 
 def transformer_config(model: ModelConfig, parallel: ParallelConfig, precision: PrecisionConfig,

@@ -8,7 +8,8 @@ a small set of named patches, each of which says which upstream call it works ar
 * the only place in clinmega that patches upstream code.
 
 The GPU path therefore runs megatron-core untouched; the CPU path runs the same model, schedule,
-DDP, optimizer and checkpoint code with these shims underneath. See REFERENCE.md §4.
+DDP, optimizer and checkpoint code with these shims underneath. Section comments name the numbered
+workarounds of REFERENCE.md §4 (6, sequence-parallel norms without Apex, lives in models/spec.py).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ class Patch:
     apply: Callable[[], None]
 
 
-# --- 1. RNG tracker --------------------------------------------------------------------------
+# --- RNG tracker (REFERENCE.md §4, workaround 1) --------------------------------------------------
 def _patch_rng_tracker() -> None:
     from megatron.core.tensor_parallel import random as mrandom
 
@@ -76,7 +77,7 @@ def _patch_rng_tracker() -> None:
     mrandom.initialize_rng_tracker(force_reset=True)
 
 
-# --- 2. torch.cuda device / stream / sync calls ---------------------------------------------
+# --- torch.cuda device / stream / sync calls (workarounds 2, 4's streams, 7) ----------------------
 def _patch_torch_cuda() -> None:
     torch.cuda.current_device = lambda: "cpu"
     torch.cuda.current_stream = lambda device=None: torch.cpu.current_stream()
@@ -84,7 +85,7 @@ def _patch_torch_cuda() -> None:
     torch.cuda.synchronize = lambda device=None: None
 
 
-# --- 3. causal / sliding-window masks hard-coded to device="cuda" ---------------------------
+# --- workaround 3: causal / sliding-window masks hard-coded to device="cuda" ----------------------
 def _patch_masks() -> None:
     from megatron.core.fusions import fused_softmax
     from megatron.core.transformer import utils as tutils
@@ -132,7 +133,7 @@ def window_keeps_explicit_mask() -> bool:
                    False)
 
 
-# --- 4 + 5. MoE alltoall dispatcher: CUDA side stream, D2H copies as numpy split sizes --------
+# --- workarounds 4 + 5: MoE alltoall dispatcher: CUDA side stream, D2H copies as numpy split sizes ---
 def _patch_moe() -> None:
     from megatron.core.transformer.moe import moe_utils, token_dispatcher
 
@@ -153,7 +154,7 @@ def _patch_moe() -> None:
     token_dispatcher.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
 
 
-# --- 9. DistributedOptimizer checkpoint load with torch's Adam (no Apex / TE) ---------------
+# --- not in REFERENCE.md §4: DistributedOptimizer checkpoint load with torch's Adam (no Apex / TE) ---
 def _patch_distributed_optimizer_load() -> None:
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
@@ -196,7 +197,7 @@ def _patch_distributed_optimizer_load() -> None:
     DistributedOptimizer._set_main_param_and_optimizer_states = set_states_keeping_step
 
 
-# --- 8. device="cuda" literals, .cuda(), grad.type() asserts (schedules, DDP, clip_grads) ----
+# --- workaround 8: device="cuda" literals, .cuda(), grad.type() asserts (schedules, DDP, clip_grads) ---
 def _to_cpu_device(value):
     if isinstance(value, torch.device) and value.type == "cuda":
         return torch.device("cpu")

@@ -23,6 +23,9 @@ def _child(fn, rank, world_size, port, env, results, args):
     os.environ.update(env)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    from clinmega.utils.quiet import apply_in_worker
+
+    apply_in_worker()  # a quiet parent command counts this rank's library warnings too
     try:
         results.put((rank, True, fn(*args)))
     except BaseException:  # report everything, including SystemExit/KeyboardInterrupt

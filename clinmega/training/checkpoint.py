@@ -9,7 +9,7 @@ Layout under the checkpoint directory::
     latest             "20": the newest complete checkpoint
     latest_checkpointed_iteration.txt   "20" too: Megatron-LM's tracker file
 
-A save writes ``iter_XXXXXXX.tmp``, adds the description once every rank has finished and renames
+A save writes ``.iter_XXXXXXX.tmp-shared`` (:mod:`clinmega.utils.atomic`), adds the description once every rank has finished and renames
 it, then replaces ``latest`` and the tracker (each atomically), then deletes all but the last
 ``keep_last`` checkpoints: a killed job never leaves a directory that looks complete. With ``async_save`` the
 tensor writes run in the background (megatron-core ``AsyncCallsQueue``) and the rename/``latest``
@@ -48,10 +48,12 @@ from clinmega.checkpoints import (  # noqa: F401  (LATEST, read_latest: this mod
 )
 from clinmega.config.schema import ModelConfig
 from clinmega.models.dist_ckpt import load_chunk_states, load_sharded, model_sharded_state_dict
+from clinmega.utils.atomic import shared_tmp_dir, write_text_atomic
 
 log = logging.getLogger(__name__)
 # The distributed optimizer's state gathered into per-parameter tensors: loads at any DP size.
 OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+write_atomic = write_text_atomic  # the old name (clinmega.utils.atomic is the one home)
 
 
 def _rng_state() -> dict:
@@ -132,7 +134,7 @@ class Checkpointer:
              state: TrainingState) -> Path:
         """Write checkpoint ``step``; returns its final directory."""
         self.finalize(blocking=True)  # one save in flight at a time
-        final, tmp = iteration_dir(self.root, step), iteration_dir(self.root, step).with_suffix(".tmp")
+        final, tmp = iteration_dir(self.root, step), shared_tmp_dir(iteration_dir(self.root, step))
         if self.is_writer:
             self.root.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)
@@ -203,8 +205,9 @@ class Checkpointer:
 
 
 class TerminationFlag:
-    """SIGTERM (and SIGINT) set a flag the loop checks after each step; all ranks agree on it,
-    so every rank saves a final checkpoint and exits together."""
+    """The signals in ``signals`` (default: SIGTERM, Slurm's preemption notice; SIGINT keeps its usual
+    KeyboardInterrupt) set a flag the loop checks after each step; all ranks agree on it, so every
+    rank saves a final checkpoint and exits together."""
 
     def __init__(self, signals=(signal.SIGTERM,)):
         self._received: int | None = None

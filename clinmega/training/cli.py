@@ -7,25 +7,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
-
-from clinmega.config import ConfigError
 
 
 def _train(args: argparse.Namespace) -> int:
     from clinmega.runtime import shutdown
     from clinmega.training.config import load_experiment
-    from clinmega.training.loop import NonFiniteLossError, train
+    from clinmega.training.loop import train
 
     try:
         cfg = load_experiment([args.recipe], args.overrides)
         summary = train(cfg)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except NonFiniteLossError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 3
     finally:
         shutdown()
     if os.environ.get("RANK", "0") == "0":
@@ -36,18 +27,19 @@ def _train(args: argparse.Namespace) -> int:
 def _plot(args: argparse.Namespace) -> int:
     from clinmega.training.plot import plot_run
 
-    try:
-        print(plot_run(args.run_dir, args.output))
-    except (FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    print(plot_run(args.run_dir, args.output))
     return 0
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("train", help="continuous pretraining / SFT (+NEFTune) on megatron-core")
-    p.add_argument("recipe", help="recipe YAML (an ExperimentConfig)")
-    p.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. train.lr=1e-5")
+    from clinmega.config.keys import keys_help
+    from clinmega.training.config import ExperimentConfig
+
+    p = subparsers.add_parser("train", help="continuous pretraining / SFT (+NEFTune) on megatron-core",
+                              formatter_class=argparse.RawDescriptionHelpFormatter,
+                              epilog=keys_help(ExperimentConfig))
+    p.add_argument("recipe", help="recipe YAML (an ExperimentConfig: the keys below)")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.lr=1e-5")
     p.set_defaults(func=_train)
     p = subparsers.add_parser("plot", help="PNG of a training run's loss/LR curves")
     p.add_argument("run_dir", help="a train run directory (holds metrics.jsonl)")

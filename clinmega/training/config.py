@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional
 
-from clinmega.config import ConfigError, load_config
+from clinmega.config.errors import ConfigError
 from clinmega.config.schema import (
     ClusterConfig,
     ModelConfig,
@@ -235,6 +235,7 @@ def load_experiment(sources: Iterable = (), overrides: Iterable[str] = ()) -> Ex
     Without a ``model.preset`` the model starts from the one recorded in the checkpoint the run
     resumes from or loads (``checkpoint.load_weights``); the user's ``model.*`` keys apply on top.
     """
+    from clinmega.config.loader import load_config  # OmegaConf: loaded by the verb, not by --help
     from clinmega.training.lineage import recorded_model_layer
 
     sources, overrides = list(sources), list(overrides)

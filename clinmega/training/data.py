@@ -24,9 +24,8 @@ import torch
 
 from clinmega.config import ConfigError
 from clinmega.data.packing import block_causal_mask, position_ids_from_cu_seqlens
+from clinmega.data.sft_dataset import IGNORE_INDEX  # one home: the SFT labels
 from clinmega.training.config import DataConfig, ExperimentConfig
-
-IGNORE_INDEX = -100
 
 
 @runtime_checkable

@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
+from clinmega.training.metrics_file import METRICS_FILE, read_metrics  # noqa: F401  (read_metrics re-exported)
 
-METRICS_FILE = "metrics.jsonl"
 
 # Dense peak TFLOPS per GPU (no sparsity): BF16 and FP8 (REFERENCE.md §6; vendor data sheets).
 PEAK_TFLOPS = {"H100": (989.0, 1979.0), "H200": (989.0, 1979.0), "H20": (148.0, 296.0),
@@ -122,24 +122,3 @@ class StepTimer:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         self.elapsed = time.perf_counter() - self.start
-
-
-def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    """The run's step records, merged per step (train and validation records of a step; a step
-    logged again by a resumed run keeps the newer values)."""
-    path = Path(run_dir) / METRICS_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no metrics log (is {run_dir} a clinmega train run dir?)")
-    by_step: dict[int, dict] = {}
-    lines = path.read_text().splitlines()
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            if n == len(lines):
-                continue  # the last line, cut short by a kill
-            raise ValueError(f"{path}:{n}: not JSON") from None
-        by_step.setdefault(record["step"], {}).update(record)
-    return [by_step[s] for s in sorted(by_step)]

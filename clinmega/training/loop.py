@@ -47,6 +47,8 @@ from clinmega.training.step import forward_backward, sync_params, wire_optimizer
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN/inf and ``train.nan_policy`` is ``stop``."""
 
+    exit_code = 3  # `clinmega train` exits with it (clinmega.cli's error handler)
+
 
 @dataclass
 class Trainer:

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from clinmega.training.logging import read_metrics
+from clinmega.training.metrics_file import read_metrics
+from clinmega.utils.atomic import tmp_sibling
 
 
 def plot_run(run_dir: str | Path, output: str | Path | None = None) -> Path:
@@ -36,8 +37,11 @@ def plot_run(run_dir: str | Path, output: str | Path | None = None) -> Path:
     fig.suptitle(str(run_dir))
     fig.tight_layout()
     out = Path(output) if output else Path(run_dir) / "curves.png"
-    tmp = out.with_name(out.name + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(out)
+    tmp = tmp_sibling(out, suffix=".png")
+    try:
+        fig.savefig(tmp, dpi=100)
+        tmp.replace(out)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
     return out

@@ -52,12 +52,12 @@ class MegatronBackend(TokenBackend):
         from transformers import AutoTokenizer
 
         from clinmega.checkpoints import read_checkpoint_info, resolve_checkpoint
-        from clinmega.config.schema import ParallelConfig, PrecisionConfig, RuntimeConfig
+        from clinmega.config.schema import ParallelConfig, PrecisionConfig, RuntimeConfig, dtype_name
         from clinmega.models import build_model, from_hf_config
         from clinmega.models.dist_ckpt import load_model_weights
         from clinmega.runtime import initialize
 
-        precision = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[dtype]
+        precision = dtype_name(dtype)  # fp32|bf16|fp16, also float32|bfloat16|float16
         info = read_checkpoint_info(resolve_checkpoint(path))
         path = info.directory
         cfg = from_hf_config(model_config) if model_config else info.model or from_hf_config(path)

@@ -1,4 +1,5 @@
-"""Random-initialised Hugging Face checkpoints of a preset, with the real Mistral tokenizer.
+"""Random-initialised Hugging Face checkpoints of a preset, with the real Mistral tokenizer (here, in
+the top layer, because it uses both `models` and `data`).
 
 The demo and the tests start from these exactly as a user starts from a downloaded checkpoint: a
 folder with ``config.json``, ``model.safetensors`` and the tokenizer files. The SentencePiece models

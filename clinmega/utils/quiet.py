@@ -1,0 +1,141 @@
+"""Quiet output: third-party warnings a user cannot act on are counted, not printed.
+
+megatron-core deprecations, Transformer Engine / apex fallbacks, torch FutureWarnings and the like
+bury a command's own output. Inside :func:`library_warnings` (``clinmega.cli`` wraps every verb in
+it) a Python warning or a log record at WARNING level raised by code outside the clinmega package is
+appended to a per-command log file instead of being printed; at the end one line says how many
+there were (``12 library warnings; --verbose to show``). clinmega's own warnings, errors from any
+library, and progress bars are untouched. ``--verbose`` prints everything as usual.
+
+Worker processes share the count: forked workers inherit the hooks, spawned ones call
+:func:`apply_in_worker` (the log file's path travels in ``$CLINMEGA_LIBRARY_WARNINGS``), and a
+``clinmega`` command started by another one (``clinmega demo``'s stages) counts into its parent's
+log, so the demo ends with one total. Warnings
+that C++ code writes straight to stderr (gloo's "Unable to resolve hostname" rank warning, c10
+deprecations) cannot be counted; they are silenced by ``TORCH_CPP_LOG_LEVEL=ERROR`` unless the
+user set that variable, and transformers' logger by ``TRANSFORMERS_VERBOSITY=error`` likewise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Iterator
+
+LOG_ENV = "CLINMEGA_LIBRARY_WARNINGS"  # path of the log file, set while quiet
+VERBOSE_ENV = "CLINMEGA_VERBOSE"       # "1": print library warnings (inherited by workers)
+QUIET_ENV_DEFAULTS = {"TORCH_CPP_LOG_LEVEL": "ERROR", "TRANSFORMERS_VERBOSITY": "error"}
+_PACKAGE_DIR = str(Path(__file__).resolve().parents[1])
+
+
+def _ours(filename: str) -> bool:
+    return os.path.abspath(filename).startswith(_PACKAGE_DIR + os.sep)
+
+
+def _record(log: str, line: str) -> None:
+    with open(log, "a", encoding="utf-8") as f:  # one short append per warning: safe across processes
+        f.write(line.replace("\n", " ") + "\n")
+
+
+class _LibraryRecords(logging.Filter):
+    """Root-handler filter: third-party records below ERROR go to the log file, not the screen."""
+
+    def __init__(self, log: str):
+        super().__init__()
+        self.log = log
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.split(".")[0] == "clinmega" or record.levelno >= logging.ERROR:
+            return True
+        if record.levelno >= logging.WARNING:
+            _record(self.log, f"{record.name}: {record.getMessage()}")
+        return False
+
+
+def _install(log: str) -> tuple:
+    """Route library warnings to ``log``; returns what :func:`_uninstall` restores."""
+    original_show = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if _ours(filename):
+            original_show(message, category, filename, lineno, file, line)
+        else:
+            _record(log, f"{category.__name__}: {message} ({filename}:{lineno})")
+
+    warnings.showwarning = show
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(_LibraryRecords(log))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    saved_env = {k: os.environ.get(k) for k in (LOG_ENV, *QUIET_ENV_DEFAULTS)}
+    os.environ[LOG_ENV] = log
+    for key, value in QUIET_ENV_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    return original_show, handler, saved_env
+
+
+def _uninstall(state: tuple) -> None:
+    original_show, handler, saved_env = state
+    warnings.showwarning = original_show
+    logging.getLogger().removeHandler(handler)
+    for key, value in saved_env.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+def count(log: str | Path) -> int:
+    try:
+        return len(Path(log).read_text(encoding="utf-8").splitlines())
+    except FileNotFoundError:
+        return 0
+
+
+@contextlib.contextmanager
+def library_warnings(verbose: bool = False, report: bool = True) -> Iterator[Path | None]:
+    """Count third-party warnings instead of printing them (everything prints when ``verbose``);
+    on exit print ``N library warnings; --verbose to show`` when N > 0 and ``report``. Yields the
+    log file's path (None when verbose)."""
+    if verbose or os.environ.get(VERBOSE_ENV) == "1":
+        previous = os.environ.get(VERBOSE_ENV)
+        os.environ[VERBOSE_ENV] = "1"
+        try:
+            yield None
+        finally:
+            if previous is None:
+                os.environ.pop(VERBOSE_ENV, None)
+        return
+    parent = os.environ.get(LOG_ENV)
+    if parent and os.path.isfile(parent):  # a clinmega command run by another (the demo's stages):
+        state = _install(parent)           # count into the parent's log; the parent reports
+        try:
+            yield Path(parent)
+        finally:
+            _uninstall(state)
+        return
+    fd, log = tempfile.mkstemp(prefix="clinmega-library-warnings-", suffix=".log")
+    os.close(fd)
+    state = _install(log)
+    try:
+        yield Path(log)
+    finally:
+        _uninstall(state)
+        n = count(log)
+        os.unlink(log)
+        if n and report:
+            s = "" if n == 1 else "s"
+            print(f"{n} library warning{s}; --verbose to show", file=sys.stderr, flush=True)
+
+
+def apply_in_worker() -> None:
+    """In a spawned worker of a quiet command: count library warnings into the parent's log."""
+    log = os.environ.get(LOG_ENV)
+    if log and os.environ.get(VERBOSE_ENV) != "1":
+        _install(log)

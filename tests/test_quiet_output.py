@@ -1,0 +1,63 @@
+"""Quiet output: third-party warnings are counted, not printed, unless --verbose; ours still print."""
+
+import logging
+import os
+import re
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import clinmega
+from clinmega.utils.quiet import library_warnings
+
+ROOT = Path(__file__).resolve().parents[1]
+# A line a third-party warning leaves on stderr: Python's warning format, its source line, or a
+# library logger's message (megatron-core's GPTModel deprecation, TE/apex fallbacks, gloo).
+LIBRARY_LINE = re.compile(r"site-packages|Warning:|warnings\.warn|DEPRECATED|deprecated|Apex|"
+                          r"Transformer Engine|ProcessGroupGloo")
+
+
+def test_library_warnings_counted_ours_printed(capsys):
+    ours = str(Path(clinmega.__file__).parent / "data" / "tokenizers.py")
+    with warnings.catch_warnings(record=True) as shown, library_warnings() as log:
+        warnings.simplefilter("always")
+        warnings.warn_explicit("library deprecation", FutureWarning, "/site-packages/lib/x.py", 3)
+        warnings.warn_explicit("clinmega's own warning", UserWarning, ours, 7)
+        logging.getLogger("megatron.core.models").warning("GPTModel IS DEPRECATED")
+        logging.getLogger("clinmega.data").warning("our log warning")
+        logging.getLogger("torch.distributed").error("a library error still shows")
+        assert os.environ["CLINMEGA_LIBRARY_WARNINGS"] == str(log)
+        with library_warnings() as nested:  # a clinmega command run by another: counts into the parent's log
+            warnings.warn_explicit("nested library warning", FutureWarning, "/site-packages/lib/y.py", 5)
+        assert nested == log
+    err = capsys.readouterr().err
+    assert "library deprecation" not in err and "GPTModel" not in err and "nested" not in err
+    assert [str(w.message) for w in shown] == ["clinmega's own warning"]  # printed the usual way
+    assert "our log warning" in err and "a library error" in err
+    assert err.rstrip().endswith("3 library warnings; --verbose to show") and err.count("library warning") == 1
+    assert not log.exists() and "CLINMEGA_LIBRARY_WARNINGS" not in os.environ
+    with warnings.catch_warnings(record=True) as shown, library_warnings(verbose=True):
+        warnings.warn_explicit("shown when verbose", FutureWarning, "/site-packages/lib/x.py", 4)
+    assert [str(w.message) for w in shown] == ["shown when verbose"]
+
+
+def test_info_stderr_has_no_library_warning_lines_unless_verbose():
+    """`clinmega info` imports torch and megatron-core's optimizer/DDP modules, which warn about the
+    missing TE/apex kernels (and torch about CUDA_HOME): a real command with real library warnings."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TORCH_CPP_LOG_LEVEL", "TRANSFORMERS_VERBOSITY")}
+    env["PYTHONPATH"] = str(ROOT)
+
+    def run(*extra):
+        result = subprocess.run([sys.executable, "-m", "clinmega.cli", "info", *extra], env=env,
+                                capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr
+        assert "megatron-core" in result.stdout
+        return result.stderr.splitlines()
+
+    quiet = run()
+    assert [line for line in quiet if LIBRARY_LINE.search(line)] == [], quiet
+    assert re.fullmatch(r"\d+ library warnings?; --verbose to show", quiet[-1]), quiet
+    verbose = run("--verbose")
+    assert any("Transformer Engine and Apex are not installed" in line for line in verbose), verbose
+    assert not any("--verbose to show" in line for line in verbose)
