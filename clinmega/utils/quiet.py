@@ -57,6 +57,11 @@ class _LibraryRecords(logging.Filter):
         return False
 
 
+# Library loggers whose records torch's own logging handler prints (torch._logging: the "torch"
+# logger does not propagate to root), so root's filtered handler never sees them.
+OWN_HANDLER_LOGGERS = ("torch.utils.cpp_extension",)
+
+
 def _install(log: str) -> tuple:
     """Route library warnings to ``log``; returns what :func:`_uninstall` restores."""
     original_show = warnings.showwarning
@@ -73,6 +78,8 @@ def _install(log: str) -> tuple:
     handler.addFilter(_LibraryRecords(log))
     root = logging.getLogger()
     root.addHandler(handler)
+    for name in OWN_HANDLER_LOGGERS:  # their records go to the library's own handler, not root's
+        logging.getLogger(name).addFilter(handler.filters[0])
     saved_env = {k: os.environ.get(k) for k in (LOG_ENV, *QUIET_ENV_DEFAULTS)}
     os.environ[LOG_ENV] = log
     for key, value in QUIET_ENV_DEFAULTS.items():
@@ -84,6 +91,8 @@ def _uninstall(state: tuple) -> None:
     original_show, handler, saved_env = state
     warnings.showwarning = original_show
     logging.getLogger().removeHandler(handler)
+    for name in OWN_HANDLER_LOGGERS:
+        logging.getLogger(name).removeFilter(handler.filters[0])
     for key, value in saved_env.items():
         if value is None:
             os.environ.pop(key, None)
