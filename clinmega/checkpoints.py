@@ -31,7 +31,7 @@ from typing import Any, Iterable
 
 from clinmega.config.errors import ConfigError
 from clinmega.config.schema import ModelConfig
-from clinmega.data.atomic import write_json_atomic, write_text_atomic
+from clinmega.utils.atomic import write_json_atomic, write_text_atomic
 
 METADATA_FILE = "clinmega_checkpoint.json"
 LEGACY_INFO_FILE = "clinmega_conversion.json"  # what import-hf wrote before METADATA_FILE existed

@@ -26,13 +26,3 @@ def resolve_described(path: str | Path) -> CheckpointInfo:
         return read_checkpoint_info(resolve_checkpoint(path))
     except ConfigError as err:
         raise ConversionError(str(err)) from None
-
-
-def read_model_config(ckpt_dir: str | Path) -> ModelConfig:
-    """The ModelConfig recorded in checkpoint ``ckpt_dir``."""
-    info = resolve_described(ckpt_dir)
-    if info.model is None:
-        raise ConversionError(f"{info.directory}: records no model config (not written by "
-                              "clinmega); pass the model's HF config (--config) or a preset "
-                              "(--preset) to say which architecture the checkpoint holds")
-    return info.model

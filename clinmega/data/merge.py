@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from clinmega.data.atomic import staging_dir, write_json_atomic
+from clinmega.utils.atomic import staging_dir, write_json_atomic
 from clinmega.data.config import MergeConfig
 from clinmega.data.manifest import FileStats, build_manifest
 from clinmega.data.pretrain import is_complete, output_paths

@@ -48,12 +48,11 @@ from clinmega.checkpoints import (  # noqa: F401  (LATEST, read_latest: this mod
 )
 from clinmega.config.schema import ModelConfig
 from clinmega.models.dist_ckpt import load_chunk_states, load_sharded, model_sharded_state_dict
-from clinmega.utils.atomic import shared_tmp_dir, write_text_atomic
+from clinmega.utils.atomic import shared_tmp_dir
 
 log = logging.getLogger(__name__)
 # The distributed optimizer's state gathered into per-parameter tensors: loads at any DP size.
 OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
-write_atomic = write_text_atomic  # the old name (clinmega.utils.atomic is the one home)
 
 
 def _rng_state() -> dict:

@@ -75,24 +75,25 @@ def _install(log: str) -> tuple:
     warnings.showwarning = show
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-    handler.addFilter(_LibraryRecords(log))
+    records = _LibraryRecords(log)
+    handler.addFilter(records)
     root = logging.getLogger()
     root.addHandler(handler)
     for name in OWN_HANDLER_LOGGERS:  # their records go to the library's own handler, not root's
-        logging.getLogger(name).addFilter(handler.filters[0])
+        logging.getLogger(name).addFilter(records)
     saved_env = {k: os.environ.get(k) for k in (LOG_ENV, *QUIET_ENV_DEFAULTS)}
     os.environ[LOG_ENV] = log
     for key, value in QUIET_ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
-    return original_show, handler, saved_env
+    return original_show, handler, records, saved_env
 
 
 def _uninstall(state: tuple) -> None:
-    original_show, handler, saved_env = state
+    original_show, handler, records, saved_env = state
     warnings.showwarning = original_show
     logging.getLogger().removeHandler(handler)
     for name in OWN_HANDLER_LOGGERS:
-        logging.getLogger(name).removeFilter(handler.filters[0])
+        logging.getLogger(name).removeFilter(records)
     for key, value in saved_env.items():
         if value is None:
             os.environ.pop(key, None)
