@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 from clinmega.config.errors import ConfigError
+from clinmega.models.lora import LoRAConfig
 from clinmega.config.schema import (
     ClusterConfig,
     ModelConfig,
@@ -25,6 +26,7 @@ from clinmega.config.schema import (
 STAGES = ("cpt", "sft")
 DECAY_STYLES = ("cosine", "linear", "constant")
 NAN_POLICIES = ("stop", "skip")
+PEFT_METHODS = ("lora",)  # train.peft; None = full fine-tuning
 RECOMPUTE_GRANULARITY = ("selective", "full")
 RECOMPUTE_METHODS = ("uniform", "block")
 DATA_KINDS = ("synthetic", "indexed", "sft")
@@ -104,9 +106,12 @@ class TrainConfig:
     log_interval: int = 1
     neftune_alpha: Optional[float] = None  # None: off; 5 is the paper's usual value
     nan_policy: str = "stop"
+    peft: Optional[str] = None             # None: full fine-tuning; "lora": adapters (section lora.*)
 
     def __post_init__(self):
         _choice("train", "stage", self.stage, STAGES)
+        if self.peft is not None:
+            _choice("train", "peft", self.peft, PEFT_METHODS)
         _choice("train", "decay_style", self.decay_style, DECAY_STYLES)
         _choice("train", "nan_policy", self.nan_policy, NAN_POLICIES)
         for key in ("steps", "global_batch_size", "micro_batch_size", "seq_length", "log_interval",
@@ -202,6 +207,7 @@ class ExperimentConfig:
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)  # used when train.peft == "lora"
     cluster: Optional[ClusterConfig] = None  # what the recipe is sized for (`clinmega plan` checks)
 
     def __post_init__(self):
