@@ -1,0 +1,155 @@
+"""export-hf of a LoRA run, merged and --adapter-only (HF PEFT), against real peft and transformers
+on tiny random Mistral and Mixtral models. The adapter checkpoints are written by
+tests/lora_fixture.py straight from random tensors per the contract (clinmega/models/lora.py)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+import conversion_cases as cc
+from lora_fixture import save_random_adapters
+from clinmega.cli import main as cli_main
+from clinmega.conversion import ConversionError, export_hf, import_hf
+from clinmega.conversion.lora_export import PEFT_CONFIG, PEFT_WEIGHTS, export_peft_adapter
+from clinmega.models.lora import LoRAConfig
+
+KINDS = ["mistral-v0.1", "mixtral"]
+LORA = LoRAConfig(rank=4, alpha=8.0, dropout=0.1)
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """{kind: (folder, adapter tensors)}: HF model, its import (the base), a LoRA run on it, the
+    base exported, the run exported merged (CLI) and as a PEFT folder (CLI)."""
+    out = {}
+    for kind in KINDS:
+        root = tmp_path_factory.mktemp(kind)
+        cc.make_hf_model(kind, root / "hf")
+        import_hf(root / "hf", root / "base", progress=False)
+        made = save_random_adapters(root / "base", root / "run", LORA)
+        export_hf(root / "base", root / "base_hf", progress=False)
+        assert cli_main(["export-hf", str(root / "run"), str(root / "merged"),
+                         "--no-progress"]) == 0
+        assert cli_main(["export-hf", str(root / "run"), str(root / "adapter"), "--adapter-only",
+                         "--no-progress"]) == 0
+        out[kind] = root, made
+    return out
+
+
+def split_qkv(rows: torch.Tensor, heads: int, groups: int, head_dim: int):
+    """megatron's fused q/k/v rows [groups * (heads/groups + 2) * d, n] -> q, k, v rows."""
+    per = heads // groups
+    g = rows.reshape(groups, per + 2, head_dim, rows.shape[-1])
+    return (g[:, :per].reshape(-1, rows.shape[-1]), g[:, per].reshape(-1, rows.shape[-1]),
+            g[:, per + 1].reshape(-1, rows.shape[-1]))
+
+
+def expected_merged(kind: str, hf: dict, made: dict) -> dict[str, torch.Tensor]:
+    """HF tensors W + scale * B_hf @ A, the B rows split from the fixture's fused tensors here."""
+    heads, groups, d = (cc.HF_SHAPES[k] for k in ("num_attention_heads", "num_key_value_heads",
+                                                   "head_dim"))
+    f = cc.HF_SHAPES["intermediate_size"]
+    s = LORA.scale
+    want = dict(hf)
+    for layer in range(cc.HF_SHAPES["num_hidden_layers"]):
+        attn = f"model.layers.{layer}.self_attn."
+        _, a, b = made["linear_qkv"]
+        for name, rows in zip("qkv", split_qkv(b[layer], heads, groups, d)):
+            want[attn + f"{name}_proj.weight"] = hf[attn + f"{name}_proj.weight"] + s * rows @ a[layer]
+        _, a, b = made["linear_proj"]
+        want[attn + "o_proj.weight"] = hf[attn + "o_proj.weight"] + s * b[layer] @ a[layer]
+        (_, a1, b1), (_, a2, b2) = made["linear_fc1"], made["linear_fc2"]
+        if kind == "mixtral":
+            for e in range(cc.KINDS["mixtral"]["num_local_experts"]):
+                ex = f"model.layers.{layer}.block_sparse_moe.experts.{e}."
+                want[ex + "w1.weight"] = hf[ex + "w1.weight"] + s * b1[layer, e, :f] @ a1[layer, e]
+                want[ex + "w3.weight"] = hf[ex + "w3.weight"] + s * b1[layer, e, f:] @ a1[layer, e]
+                want[ex + "w2.weight"] = hf[ex + "w2.weight"] + s * b2[layer, e] @ a2[layer, e]
+        else:
+            mlp = f"model.layers.{layer}.mlp."
+            want[mlp + "gate_proj.weight"] = hf[mlp + "gate_proj.weight"] + s * b1[layer, :f] @ a1[layer]
+            want[mlp + "up_proj.weight"] = hf[mlp + "up_proj.weight"] + s * b1[layer, f:] @ a1[layer]
+            want[mlp + "down_proj.weight"] = hf[mlp + "down_proj.weight"] + s * b2[layer] @ a2[layer]
+    return want
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_merged_export_is_w_plus_scaled_ba(runs, kind):
+    root, made = runs[kind]
+    hf = cc.read_all(root / "hf")
+    merged = cc.read_all(root / "merged")
+    want = expected_merged(kind, hf, made)
+    assert sorted(merged) == sorted(want)
+    changed = 0
+    for name, tensor in want.items():
+        torch.testing.assert_close(merged[name], tensor, rtol=0, atol=1e-6, msg=name)
+        if not torch.equal(tensor, hf[name]):
+            changed += 1
+        else:
+            assert torch.equal(merged[name], hf[name]), name  # norms, router, embeddings: as-is
+    assert changed == {"mistral-v0.1": 7, "mixtral": 4 + 3 * 8}[kind] * 4
+    assert json.loads((root / "merged" / "clinmega_checkpoint.json").read_text())[
+        "provenance"]["peft"]["lora"]["rank"] == LORA.rank
+    assert (root / "merged" / "tokenizer.model").is_file()
+
+
+def peft_logits(base_hf, adapter, toks):
+    from peft import PeftModel
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(base_hf, dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, adapter).eval()
+    loaded = get_peft_model_state_dict(model)
+    stored = load_file(adapter / PEFT_WEIGHTS)
+    assert sorted(loaded) == sorted(stored)  # every tensor in the folder found its module
+    for name, tensor in stored.items():
+        assert torch.equal(loaded[name], tensor), name
+    with torch.no_grad():
+        return model(toks).logits.float()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_peft_folder_on_the_exported_base_gives_the_merged_logits(runs, kind):
+    root, _ = runs[kind]
+    config = json.loads((root / "adapter" / PEFT_CONFIG).read_text())
+    if kind == "mixtral":
+        assert config["target_parameters"] == ["experts.gate_up_proj", "experts.down_proj"]
+        assert config["lora_dropout"] == 0.0
+    else:
+        assert config["target_parameters"] is None and config["lora_dropout"] == LORA.dropout
+    toks = cc.tokens(32000)
+    with_adapter = peft_logits(root / "base_hf", root / "adapter", toks)
+    merged = cc.hf_logits(root / "merged", toks)
+    base = cc.hf_logits(root / "base_hf", toks)
+    assert (merged - base).abs().max().item() > 0.05  # the adapters matter
+    assert (with_adapter - merged).abs().max().item() <= TOL
+
+
+def test_adapter_only_refuses_a_full_checkpoint(runs, tmp_path):
+    root, _ = runs["mistral-v0.1"]
+    with pytest.raises(ConversionError, match="not a LoRA checkpoint"):
+        export_peft_adapter(root / "base", tmp_path / "out", progress=False)
+
+
+def test_changed_base_or_missing_adapter_is_refused(runs, tmp_path):
+    root, _ = runs["mistral-v0.1"]
+    run = tmp_path / "run"
+    shutil.copytree(root / "run", run)
+    meta = run / "checkpoints" / "iter_0000002" / "clinmega_checkpoint.json"
+    record = json.loads(meta.read_text())
+    record["provenance"]["peft"]["lora"]["rank"] = 8
+    meta.write_text(json.dumps(record))
+    with pytest.raises(ConversionError, match=r"lora_a\.weight.*has shape \[4, 4, 64\].*\[4, 8, 64\]"):
+        export_hf(run, tmp_path / "merged", progress=False)
+    record["provenance"]["peft"]["lora"]["rank"] = 4
+    record["provenance"]["peft"]["base"]["description_sha256"] = "0" * 64
+    meta.write_text(json.dumps(record))
+    with pytest.raises(ConversionError, match="has changed since the adapters were trained"):
+        export_peft_adapter(run, tmp_path / "adapter", progress=False)
