@@ -153,3 +153,53 @@ def test_changed_base_or_missing_adapter_is_refused(runs, tmp_path):
     meta.write_text(json.dumps(record))
     with pytest.raises(ConversionError, match="has changed since the adapters were trained"):
         export_peft_adapter(run, tmp_path / "adapter", progress=False)
+
+
+def test_trained_lora_run_exports_both_ways_to_the_megatron_logits(tmp_path):
+    """End to end (needs the LoRA training of issue 15): `clinmega train ... train.peft=lora`
+    (2 steps, NEFTune) on an imported base, then export-hf merged and --adapter-only; transformers
+    on the merged folder and peft on the base export + adapter folder give the Megatron LoRA
+    model's logits."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    from clinmega.demo.hf_checkpoint import save_random_hf_checkpoint
+    from clinmega.evaluation.backends.megatron import MegatronBackend
+    from clinmega.models import get_preset
+
+    hf = save_random_hf_checkpoint(get_preset("tiny-mistral-v0.1"), tmp_path / "hf", seed=0)
+    import_hf(hf, tmp_path / "base", progress=False)
+    run = tmp_path / "run"
+    recipe = tmp_path / "lora.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "run_dir": str(run), "precision": {"dtype": "fp32"},
+        "train": {"stage": "sft", "steps": 2, "global_batch_size": 4, "micro_batch_size": 2,
+                  "seq_length": 32, "lr": 5e-3, "min_lr": 5e-4, "warmup_steps": 1,
+                  "eval_interval": 0, "neftune_alpha": 5.0},
+        "lora": {"rank": 4, "alpha": 8.0},
+        "data": {"kind": "synthetic", "synthetic_packed": True, "synthetic_vocab": 64},
+        "checkpoint": {"load_weights": str(tmp_path / "base"), "keep_last": 1},
+        "logging": {"tensorboard": False, "progress": False}}))
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-m", "clinmega.cli", "train", str(recipe),
+                           "train.peft=lora"], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    export_hf(tmp_path / "base", tmp_path / "base_hf", progress=False)
+    assert cli_main(["export-hf", str(run), str(tmp_path / "merged"), "--no-progress"]) == 0
+    assert cli_main(["export-hf", str(run), str(tmp_path / "adapter"), "--adapter-only",
+                     "--no-progress"]) == 0
+
+    toks = cc.tokens(32000, seq=16)
+    merged = cc.hf_logits(tmp_path / "merged", toks)
+    base = cc.hf_logits(tmp_path / "base_hf", toks)
+    assert (merged - base).abs().max().item() > 1e-4  # two steps moved B off zero
+    with torch.no_grad():
+        megatron = MegatronBackend.from_checkpoint(run)._logits(toks, [toks.shape[1]] * 2).float()
+    assert (megatron - merged).abs().max().item() < 1e-4
+    assert (peft_logits(tmp_path / "base_hf", tmp_path / "adapter", toks) - merged
+            ).abs().max().item() <= TOL
