@@ -30,10 +30,11 @@ MOE_TARGET_KEYS = {**TARGET_KEYS,
 
 
 def save_random_adapters(base: str | Path, run_dir: str | Path, lora: LoRAConfig, seed: int = 0,
-                         step: int = 2, std: float = 0.1) -> dict[str, tuple[torch.Tensor, ...]]:
-    """Write ``run_dir/checkpoints/iter_<step>`` (and ``latest``) with random nonzero A and B for
-    ``lora.targets`` of base checkpoint ``base``; returns ``{target: (base weight key, A, B)}``
-    with the global tensors. Needs a (1-process) torch.distributed group."""
+                         step: int = 2, std: float = 0.1, dtype: torch.dtype = torch.float32
+                         ) -> dict[str, tuple[torch.Tensor, ...]]:
+    """Write ``run_dir/checkpoints/iter_<step>`` (and ``latest``) with random nonzero A and B (in
+    ``dtype``) for ``lora.targets`` of base checkpoint ``base``; returns ``{target: (base weight
+    key, A, B)}`` with the global tensors. Needs a (1-process) torch.distributed group."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
@@ -51,8 +52,8 @@ def save_random_adapters(base: str | Path, run_dir: str | Path, lora: LoRAConfig
         key = keys[target]
         shape = reader.shape(key)
         lead, (out, inp) = shape[:-2], shape[-2:]
-        a = torch.randn(lead + (lora.rank, inp), generator=gen) * std
-        b = torch.randn(lead + (out, lora.rank), generator=gen) * std
+        a = (torch.randn(lead + (lora.rank, inp), generator=gen) * std).to(dtype)
+        b = (torch.randn(lead + (out, lora.rank), generator=gen) * std).to(dtype)
         made[target] = (key, a, b)
         head, _, tail = key.rpartition(".")
         for which, tensor in (("lora_a", a), ("lora_b", b)):

@@ -132,6 +132,48 @@ def test_peft_folder_on_the_exported_base_gives_the_merged_logits(runs, kind):
     assert (with_adapter - merged).abs().max().item() <= TOL
 
 
+def test_mixtral_target_subset_single_expert_wrapper(runs, tmp_path):
+    """Only o_proj and the experts' down_proj: one ParamWrapper on the experts (no nesting)."""
+    root, _ = runs["mixtral"]
+    lora = LoRAConfig(rank=2, alpha=3.0, targets=["linear_proj", "linear_fc2"])
+    save_random_adapters(root / "base", tmp_path / "run", lora, seed=5)
+    export_hf(tmp_path / "run", tmp_path / "merged", progress=False)
+    export_peft_adapter(tmp_path / "run", tmp_path / "adapter", progress=False)
+    config = json.loads((tmp_path / "adapter" / PEFT_CONFIG).read_text())
+    assert (config["target_modules"], config["target_parameters"]) == (["o_proj"],
+                                                                        ["experts.down_proj"])
+    toks = cc.tokens(32000)
+    merged = cc.hf_logits(tmp_path / "merged", toks)
+    assert (merged - cc.hf_logits(root / "base_hf", toks)).abs().max().item() > 0.05
+    assert (peft_logits(root / "base_hf", tmp_path / "adapter", toks) - merged
+            ).abs().max().item() <= TOL
+
+
+def test_bf16_merge_rounds_once_to_the_base_dtype(tmp_path):
+    """bf16 base and adapters: merged = bf16(W + scale * B @ A in fp32); the adapter folder keeps
+    bf16."""
+    from safetensors.torch import load_file
+
+    hf = cc.make_hf_model("mistral-v0.3", tmp_path / "hf", dtype=torch.bfloat16)
+    import_hf(hf, tmp_path / "base", progress=False)
+    lora = LoRAConfig(rank=4, alpha=8.0, targets=["linear_proj"])
+    made = save_random_adapters(tmp_path / "base", tmp_path / "run", lora, dtype=torch.bfloat16)
+    export_hf(tmp_path / "run", tmp_path / "merged", progress=False)
+    export_peft_adapter(tmp_path / "run", tmp_path / "adapter", progress=False)
+    source, merged = cc.read_all(hf), cc.read_all(tmp_path / "merged")
+    _, a, b = made["linear_proj"]
+    for layer in range(cc.HF_SHAPES["num_hidden_layers"]):
+        name = f"model.layers.{layer}.self_attn.o_proj.weight"
+        want = (source[name].float() + lora.scale * b[layer].float() @ a[layer].float())
+        assert merged[name].dtype == torch.bfloat16
+        assert torch.equal(merged[name], want.to(torch.bfloat16)), name
+    assert not torch.equal(merged[name], source[name])
+    adapter = load_file(tmp_path / "adapter" / PEFT_WEIGHTS)
+    assert {t.dtype for t in adapter.values()} == {torch.bfloat16}
+    assert torch.equal(adapter["base_model.model.model.layers.3.self_attn.o_proj.lora_B.weight"],
+                       b[3])
+
+
 def test_adapter_only_refuses_a_full_checkpoint(runs, tmp_path):
     root, _ = runs["mistral-v0.1"]
     with pytest.raises(ConversionError, match="not a LoRA checkpoint"):
