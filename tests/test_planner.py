@@ -148,3 +148,14 @@ def test_lora_report_of_the_recipes():
     recipes = Path(__file__).resolve().parents[1] / "recipes"
     text = lora_report([recipes / "mistral_7b_lora_sft.yaml", recipes / "mixtral_8x7b_lora_sft.yaml"])
     assert text.count("lora/full memory") == 2 and "219.2M adapter parameters" in text
+
+
+def test_plan_cli_with_lora(capsys):
+    args = ["plan", "--model", "mixtral-8x7b", "--gpus", "8", "--global-batch", "128", "--top", "3",
+            "--gpus-per-node", "8"]
+    assert main(args + ["--recompute", "none"]) == 1  # full fine-tuning fits no 8-GPU layout
+    capsys.readouterr()
+    assert main(args + ["--recompute", "none", "--lora-rank", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "LoRA rank 16" in out and "tok/s/GPU" in out
+    assert main(args + ["--lora-rank", "16", "--lora-targets", "linear_qkv,router"]) == 2
