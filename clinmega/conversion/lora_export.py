@@ -61,6 +61,7 @@ from clinmega.models.lora import TARGETS, LoRAConfig, adapter_key, delta, read_p
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
+PEFT_NAMES = {"lora_a": "lora_A", "lora_b": "lora_B"}  # clinmega's adapter names -> PEFT's
 # transformers >= 5 MixtralExperts: megatron expert linear -> 3-D parameter, in declaration order.
 HF_EXPERT_PARAMS = {"linear_fc1": "gate_up_proj", "linear_fc2": "down_proj"}
 HF_EXPERTS_MODULE = "model.layers.{layer}.mlp.experts"
@@ -176,7 +177,8 @@ class Adapters:
 
 # --- the HF PEFT adapter folder ----------------------------------------------------------------
 def _peft_key(module: str, which: str) -> str:
-    return f"{PEFT_PREFIX}{module}.{ {'lora_a': 'lora_A', 'lora_b': 'lora_B'}[which]}.weight"
+    """``model.layers.0.self_attn.q_proj``, ``lora_a`` -> PEFT's saved key of that adapter."""
+    return f"{PEFT_PREFIX}{module}.{PEFT_NAMES[which]}.weight"
 
 
 def _dense_modules(item: Adapted, layer: int) -> list[str]:
