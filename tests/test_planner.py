@@ -9,9 +9,13 @@ from clinmega.launch.planner import (
     PlanConfig,
     estimate,
     local_parameters,
+    lora_parameters,
+    lora_report,
+    lora_vs_full,
     rank_layouts,
 )
 from clinmega.models import count_parameters, get_preset
+from clinmega.models.lora import LoRAConfig
 from clinmega.models.flops import forward_flops_per_token
 
 MIXTRAL_NEMO = ParallelConfig(pipeline_parallel=4, virtual_pipeline_parallel=8, expert_parallel=8,
@@ -92,3 +96,66 @@ def test_plan_cli_prints_a_table(capsys):
     out = capsys.readouterr().out
     assert "TP1 PP1 DP8" in out and "tok/s/GPU" in out
     assert main(["plan", "--model", "mixtral-8x7b", "--gpus", "1", "--gpu-memory", "24"]) == 1
+
+
+# --- LoRA: frozen base, grads and optimizer state for the adapters only -------------------------
+GIB = 1024**3
+R16 = LoRAConfig(rank=16, alpha=32.0)
+
+
+def test_lora_mistral_7b_on_one_node_by_hand():
+    cfg, cluster = get_preset("mistral-7b-v0.1"), ClusterConfig(num_gpus=8, gpu_memory_gb=80)
+    # rank*(out+in) per layer: qkv (32+2*8)*128 x 4096, o 4096x4096, fc1 2*14336 x 4096, fc2 4096x14336
+    per_layer = 16 * ((6144 + 4096) + (4096 + 4096) + (28672 + 4096) + (4096 + 14336))
+    adapters = 32 * per_layer
+    assert adapters == 35_651_584
+    base = 2 * 32000 * 4096 + 32 * (4096 * 128 * 80 + 3 * 4096 * 14336 + 2 * 4096) + 4096
+    plan = PlanConfig(seq_length=4096, global_batch=128, micro_batch=2)
+    full, lora = lora_vs_full(cfg, ParallelConfig(), plan, cluster, R16)
+    m = lora.memory_gb
+    assert m["weights"] == pytest.approx((base + adapters) * 2 / GIB)
+    assert m["grads"] == pytest.approx(adapters * 4 / GIB)
+    assert m["optimizer"] == pytest.approx(adapters * 12 / 8 / GIB)
+    assert m["activations"] == full.memory_gb["activations"]
+    assert full.total_gb > 80 >= lora.total_gb
+    # TP2: column-parallel B (qkv, fc1) and row-parallel A (o, fc2) are split, the other replicated
+    tp2 = 32 * 16 * ((3072 + 4096) + (4096 + 2048) + (14336 + 4096) + (4096 + 7168))
+    assert sum(lora_parameters(cfg, R16, ParallelConfig(tensor_parallel=2))) == tp2
+
+
+def test_lora_mixtral_8x7b_on_one_node_by_hand():
+    cfg, cluster = get_preset("mixtral-8x7b"), ClusterConfig(num_gpus=8, gpu_memory_gb=80)
+    layout = ParallelConfig(expert_parallel=8, expert_tensor_parallel=1)
+    attention = 32 * 16 * ((6144 + 4096) + (4096 + 4096))          # replicated over DP8
+    experts = 32 * 1 * 16 * ((28672 + 4096) + (4096 + 14336))      # 1 expert per GPU and layer
+    dense_base = 2 * 32000 * 4096 + 32 * (4096 * 128 * 80 + 4096 * 8 + 2 * 4096) + 4096
+    expert_base = 8 * 3 * 4096 * 14336 * 32 // 8
+    plan = PlanConfig(seq_length=4096, global_batch=128, micro_batch=1)
+    full, lora = lora_vs_full(cfg, layout, plan, cluster, R16)
+    m = lora.memory_gb
+    assert m["weights"] == pytest.approx((dense_base + expert_base + attention + experts) * 2 / GIB)
+    assert m["grads"] == pytest.approx((attention + experts) * 4 / GIB)
+    # expert data-parallel size 8 / (EP8 * ETP1 * PP1) = 1: expert adapters' state is not sharded
+    assert m["optimizer"] == pytest.approx((attention / 8 + experts) * 12 / GIB)
+    assert m["activations"] == full.memory_gb["activations"]
+    assert full.total_gb > 80 >= lora.total_gb
+    assert sum(lora_parameters(cfg, R16)) == attention + 8 * experts  # whole model: 219.2M
+
+
+def test_lora_report_of_the_recipes():
+    from pathlib import Path
+
+    recipes = Path(__file__).resolve().parents[1] / "recipes"
+    text = lora_report([recipes / "mistral_7b_lora_sft.yaml", recipes / "mixtral_8x7b_lora_sft.yaml"])
+    assert text.count("lora/full memory") == 2 and "219.2M adapter parameters" in text
+
+
+def test_plan_cli_with_lora(capsys):
+    args = ["plan", "--model", "mixtral-8x7b", "--gpus", "8", "--global-batch", "128", "--top", "3",
+            "--gpus-per-node", "8"]
+    assert main(args + ["--recompute", "none"]) == 1  # full fine-tuning fits no 8-GPU layout
+    capsys.readouterr()
+    assert main(args + ["--recompute", "none", "--lora-rank", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "LoRA rank 16" in out and "tok/s/GPU" in out
+    assert main(args + ["--lora-rank", "16", "--lora-targets", "linear_qkv,router"]) == 2

@@ -96,6 +96,11 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
                                             "(default: the checkpoint's hf_assets)")
     parser.add_argument("--max-shard-size", type=parse_size, default=parse_size("5GB"),
                         help="largest safetensors shard (default 5GB)")
+    parser.add_argument("--adapter-only", action="store_true",
+                        help="of a LoRA run (train.peft=lora): write a HF PEFT adapter folder "
+                             "(adapter_config.json + adapter_model.safetensors) for "
+                             "peft.PeftModel.from_pretrained on the exported base model, instead "
+                             "of the merged weights (the default for a LoRA run)")
     _common(parser)
     parser.set_defaults(func=run_export)
 
@@ -128,8 +133,21 @@ def run_import(args: argparse.Namespace) -> int:
 
 def run_export(args: argparse.Namespace) -> int:
     from clinmega.conversion.checkpoint_info import hf_model_config
+    from clinmega.conversion.errors import ConversionError
     from clinmega.conversion.exporter import export_hf
     from clinmega.models import get_preset
+
+    if args.adapter_only:
+        from clinmega.conversion.lora_export import export_peft_adapter
+
+        given = [flag for flag, value in (("--config", args.config), ("--preset", args.preset),
+                                          ("--tokenizer", args.tokenizer)) if value]
+        if given:
+            raise ConversionError(f"export-hf --adapter-only: {', '.join(given)} do not apply "
+                                  "(the adapters' model is the one the run records)")
+        return _report(export_peft_adapter(args.ckpt_dir, args.out_dir, args.dtype,
+                                           allow_downcast=args.allow_downcast,
+                                           overwrite=args.overwrite, progress=args.progress))
 
     model = (hf_model_config(args.config) if args.config else
              get_preset(args.preset) if args.preset else None)
@@ -148,4 +166,6 @@ def register(subparsers) -> None:
     add_export_arguments(subparsers.add_parser(
         "export-hf", help="megatron-core distributed checkpoint -> HF folder",
         description="Convert a megatron-core distributed checkpoint into a HF folder "
-                    "(sharded safetensors, config, tokenizer), one tensor at a time."))
+                    "(sharded safetensors, config, tokenizer), one tensor at a time. A LoRA run "
+                    "exports its base with the adapters merged, or with --adapter-only a HF PEFT "
+                    "adapter folder."))

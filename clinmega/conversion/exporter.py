@@ -20,13 +20,13 @@ from clinmega.conversion.checkpoint_info import resolve_described
 from clinmega.conversion.dist_io import DistCheckpointReader
 from clinmega.conversion.errors import ConversionError
 from clinmega.conversion.hf_io import PlannedTensor, SafetensorsWriter, write_json
-from clinmega.conversion.mapping import (EXPERT, LAYER, Mapping, Unit, VocabRows, mapping_table,
-                                         units)
+from clinmega.conversion.lora_export import Adapters, open_lora
+from clinmega.conversion.mapping import (EXPERT, LAYER, MODEL_PREFIXES, Mapping, Unit, VocabRows,
+                                         mapping_table, units)
 from clinmega.conversion.prefetch import Prefetcher, ReusedBuffers
 from clinmega.conversion.progress import Summary, Tracker
 from clinmega.models.hf import to_hf_config
 
-MODEL_PREFIXES = ("embedding.", "decoder.", "output_layer.")
 MAX_TP = 64  # largest tensor-parallel size whose vocabulary padding export recognises
 
 
@@ -92,11 +92,15 @@ def export_hf(ckpt_dir: str | Path, out_dir: str | Path, model: ModelConfig | No
     ``ckpt_dir`` may be a run directory or checkpoint root: its newest complete checkpoint is
     exported. ``model`` defaults to the config the checkpoint records; ``dtype`` to the stored
     embedding dtype; tokenizer and generation config come from ``assets`` or the checkpoint's
-    ``hf_assets``; its provenance is kept as ``clinmega_checkpoint.json``.
+    ``hf_assets``; its provenance is kept as ``clinmega_checkpoint.json``. A LoRA run's checkpoint
+    (adapters only) exports its base checkpoint's weights with the adapters merged
+    (:mod:`clinmega.conversion.lora_export`), the base's tokenizer and the run's provenance.
     """
     info = resolve_described(ckpt_dir)
+    lora = open_lora(info)  # a LoRA run: the base's weights plus the adapters, merged
+    weights = lora.base if lora else info
     ckpt_dir, out_dir = info.directory, Path(out_dir)
-    reader = DistCheckpointReader(ckpt_dir)
+    reader = DistCheckpointReader(weights.directory)
     if model is None and info.model is None:
         raise ConversionError(f"{ckpt_dir}: records no model config (not written by clinmega); "
                               "pass the model's HF config (--config) or a preset (--preset)")
@@ -104,13 +108,14 @@ def export_hf(ckpt_dir: str | Path, out_dir: str | Path, model: ModelConfig | No
     _check_recorded_vocabulary(info, cfg)
     table = mapping_table(cfg)
     keys = stored_keys(reader, cfg, table)
+    adapters = Adapters(lora, cfg, table) if lora else None
     out_dtype = dtypes.parse(dtype) or reader.dtype(keys[table[0]])
     dtypes.name_of(out_dtype, str(ckpt_dir))
     plan = units(cfg, table)
     planned = [PlannedTensor(name, shape, out_dtype) for u in plan
                for name, shape in zip(u.hf_names, u.mapping.hf_shapes)]
     if assets is None:
-        assets = info.assets
+        assets = weights.assets
     elif not Path(assets).is_dir():
         raise ConversionError(f"{assets}: tokenizer/assets folder does not exist")
     tracker = Tracker(f"export {ckpt_dir.name}", str(out_dir),
@@ -129,8 +134,11 @@ def export_hf(ckpt_dir: str | Path, out_dir: str | Path, model: ModelConfig | No
                 key, shape, index = keys[unit.mapping], unit.mapping.shape, unit.index
                 lead = (1,) * len(index)
                 out = buffers.tensor(position, lead + shape, reader.dtype(key))
-                return reader.read(key, index + (0,) * len(shape), lead + shape,
+                full = reader.read(key, index + (0,) * len(shape), lead + shape,
                                    out=out).reshape(shape)
+                if adapters is not None:
+                    adapters.merge(unit, full)
+                return full
 
             order = list(enumerate(plan))
             with Prefetcher(read, order) as prefetch:  # read the next unit while writing this one

@@ -197,15 +197,15 @@ def _header(shard: Sequence[PlannedTensor]) -> bytes:
 
 class SafetensorsWriter:
     """Writes ``planned`` tensors, in order, into HF-named shards of at most ``max_shard_bytes``
-    (one ``model.safetensors`` when they fit in one, else ``model-0000i-of-0000n.safetensors``
+    (one ``model.safetensors``, or ``single_name``, when they fit in one, else ``model-0000i-of-0000n.safetensors``
     plus ``model.safetensors.index.json``)."""
 
     def __init__(self, folder: str | Path, planned: Sequence[PlannedTensor],
-                 max_shard_bytes: int = 5 * 10**9):
+                 max_shard_bytes: int = 5 * 10**9, single_name: str = SAFETENSORS_SINGLE):
         self.folder = Path(folder)
         self.shards = _split_shards(planned, max_shard_bytes)
         n = len(self.shards)
-        self.files = ([SAFETENSORS_SINGLE] if n == 1 else
+        self.files = ([single_name] if n == 1 else
                       [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)])
         self._order = [(i, t) for i, shard in enumerate(self.shards) for t in shard]
         self._next = 0

@@ -40,6 +40,7 @@ from clinmega.config.schema import ModelConfig
 from clinmega.models.spec import CHECKPOINT_KEY_DIFFERENCES
 
 GLOBAL, LAYER, EXPERT = 0, 1, 2  # leading stacked axes of the checkpoint tensor
+MODEL_PREFIXES = ("embedding.", "decoder.", "output_layer.")  # checkpoint keys of model tensors
 _LAYERS = "decoder.layers.{layer}."
 _HF_LAYERS = "model.layers.{layer}."
 
@@ -75,6 +76,17 @@ class Mapping:
 
     def init_rows(self, full: torch.Tensor) -> None:
         """Fill the parts of ``full`` that no HF tensor covers (none, except in VocabRows)."""
+
+    def row_blocks(self, rows: torch.Tensor) -> list[torch.Tensor]:
+        """Each HF tensor's rows of ``rows``, a tensor whose rows are laid out like this
+        mapping's megatron rows but with any number of columns (a LoRA ``B``, ``[out, rank]``):
+        one ``[hf_rows_i, rows.shape[-1]]`` tensor per HF tensor. Only for mappings whose HF
+        tensors split the rows and share the columns (Direct, QKV, GatedMLP)."""
+        if any(len(s) != 2 or s[1] != self.shape[1] for s in self.hf_shapes):
+            raise ValueError(f"{self.key}: the HF tensors do not split the rows only")
+        if rows.ndim != 2 or rows.shape[0] != self.shape[0]:
+            raise ValueError(f"{self.key}: expected {self.shape[0]} rows, got {tuple(rows.shape)}")
+        return [view.reshape(-1, rows.shape[-1]) for view in self.hf_views(rows)]
 
     def hf_to_megatron(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         """The megatron tensor made of HF ``tensors`` (a new tensor)."""

@@ -15,12 +15,20 @@ def _plan(args: argparse.Namespace) -> int:
     cfg = get_preset(args.model)
     cluster = ClusterConfig(num_gpus=args.gpus, gpus_per_node=args.gpus_per_node,
                             gpu_memory_gb=args.gpu_memory)
+    lora = None
+    if args.lora_rank is not None:
+        from clinmega.models.lora import TARGETS, LoRAConfig
+
+        targets = args.lora_targets.split(",") if args.lora_targets else list(TARGETS)
+        lora = LoRAConfig(rank=args.lora_rank, targets=targets)
     plan = PlanConfig(seq_length=args.seq_length, global_batch=args.global_batch,
-                      micro_batch=args.micro_batch, recompute=args.recompute, fp8=args.fp8)
+                      micro_batch=args.micro_batch, recompute=args.recompute, fp8=args.fp8,
+                      lora=lora)
     best, tried = rank_layouts(cfg, cluster, plan, top=args.top)
     table = Table(title=f"{args.model}: seq {plan.seq_length}, global batch {plan.global_batch}, "
                         f"{cluster.num_gpus} x {cluster.gpu_memory_gb:g} GB GPUs "
-                        f"({'FP8' if plan.fp8 else 'BF16'}, recompute {plan.recompute}); "
+                        f"({'FP8' if plan.fp8 else 'BF16'}, recompute {plan.recompute}"
+                        f"{f', LoRA rank {lora.rank}' if lora else ''}); "
                         f"{len(best)} of {tried} layouts shown")
     for col in ("layout", "micro-batches", "weights", "grads", "optim", "activ", "logits",
                 "total GB", "step s", "tok/s/GPU"):
@@ -51,4 +59,10 @@ def register(subparsers) -> None:
     p.add_argument("--recompute", choices=("none", "selective", "full"), default="selective")
     p.add_argument("--fp8", action="store_true", help="FP8 training (Transformer Engine)")
     p.add_argument("--top", type=int, default=10)
+    p.add_argument("--lora-rank", type=int, default=None,
+                   help="plan LoRA training (train.peft=lora) with adapters of this rank: the base "
+                        "is frozen (no grads or optimizer state for it)")
+    p.add_argument("--lora-targets", default=None,
+                   help="comma-separated lora.targets (default: linear_qkv,linear_proj,"
+                        "linear_fc1,linear_fc2)")
     p.set_defaults(func=_plan)

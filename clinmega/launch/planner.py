@@ -17,20 +17,30 @@ under 1F1B, the most microbatches in flight):
 * logits on the last stage: s*b*V/TP fp32 values and their gradient,
 * a fixed overhead (CUDA context, NCCL buffers, allocator fragmentation).
 
+With LoRA (``PlanConfig.lora``, ``train.peft: lora``) the base weights are frozen: weights are the
+base's plus the adapters' (bf16), and gradients and optimizer state are the adapters' only
+(:func:`lora_parameters`: ``rank*(out+in)`` per adapted linear, ``lora.adapter_parameter_count``,
+split under TP like the base linear: column-parallel ``B`` and row-parallel ``A`` are sharded, the
+other factor replicated); activations are unchanged (the base linears still keep their inputs, for
+the adapters' gradients; the rank-r intermediates are negligible).
+
 Step time = training FLOPs / (GPUs * peak * efficiency), with the pipeline bubble
-(PP-1)/(VPP*microbatches) and small TP/EP communication penalties. These are planning estimates,
-not measurements: compare layouts with them, then measure the chosen one.
+(PP-1)/(VPP*microbatches) and small TP/EP communication penalties (for LoRA the full-training
+figure, an upper bound: frozen weights skip their weight-gradient GEMMs). These are planning
+estimates, not measurements: compare layouts with them, then measure the chosen one.
 """
 
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Optional
 
 from clinmega.config.errors import ConfigError
 from clinmega.config.schema import ClusterConfig, ModelConfig, ParallelConfig
 from clinmega.models.layout import check_layout
 from clinmega.models.flops import training_flops_per_token
+from clinmega.models.lora import COLUMN_PARALLEL, LoRAConfig, adapter_parameter_count
 
 GIB = 1024**3
 RECOMPUTE = ("none", "selective", "full")
@@ -50,6 +60,7 @@ class PlanConfig:
     # Llama2-7B FP8 780 TFLOPS (0.79 of the bf16 peak, i.e. 1.6x).
     efficiency: float = 0.5
     fp8_speedup: float = 1.6
+    lora: Optional[LoRAConfig] = None  # LoRA adapters on a frozen base; None: full training
 
     def __post_init__(self):
         if self.recompute not in RECOMPUTE:
@@ -107,6 +118,38 @@ def local_parameters(cfg: ModelConfig, parallel: ParallelConfig) -> tuple[float,
     return dense, experts / (pp * parallel.expert_parallel * etp)
 
 
+def adapted_linears(cfg: ModelConfig, lora: LoRAConfig) -> tuple[list, list]:
+    """One layer's adapted linears ``[(target, out, in)]``: (dense ones, one expert's)."""
+    h, f, d = cfg.hidden_size, cfg.ffn_hidden_size, cfg.head_dim
+    q, kv = cfg.num_attention_heads * d, cfg.num_query_groups * d
+    shapes = {"linear_qkv": (q + 2 * kv, h), "linear_proj": (h, q),
+              "linear_fc1": (2 * f, h), "linear_fc2": (h, f)}
+    adapted = [(t, *shapes[t]) for t in lora.targets]
+    mlp = [a for a in adapted if a[0] in ("linear_fc1", "linear_fc2")]
+    attention = [a for a in adapted if a not in mlp]
+    return (attention, mlp) if cfg.is_moe else (adapted, [])
+
+
+def lora_parameters(cfg: ModelConfig, lora: LoRAConfig,
+                    parallel: ParallelConfig | None = None) -> tuple[float, float]:
+    """(dense, expert) adapter parameters held by a GPU of the first pipeline stage (the whole
+    model's with the default layout). Column-parallel linears shard ``B`` (``out``) over TP,
+    row-parallel ones ``A`` (``in``); experts use the expert TP size and split over EP."""
+    parallel = parallel or ParallelConfig()
+    tp, pp = parallel.tensor_parallel, parallel.pipeline_parallel
+    etp = parallel.expert_tensor_parallel or tp
+
+    def local(linears, split):
+        return sum(adapter_parameter_count(
+            [(out / split, inp) if t in COLUMN_PARALLEL else (out, inp / split)], lora.rank)
+            for t, out, inp in linears)
+
+    dense, expert = adapted_linears(cfg, lora)
+    layers = cfg.num_layers / pp
+    experts = (cfg.num_experts or 0) / parallel.expert_parallel
+    return layers * local(dense, tp), layers * experts * local(expert, etp)
+
+
 def estimate(cfg: ModelConfig, parallel: ParallelConfig, plan: PlanConfig,
              cluster: ClusterConfig) -> Estimate:
     tp, pp, cp, ep = (parallel.tensor_parallel, parallel.pipeline_parallel,
@@ -121,10 +164,14 @@ def estimate(cfg: ModelConfig, parallel: ParallelConfig, plan: PlanConfig,
     microbatches = plan.global_batch // (plan.micro_batch * dp)
 
     dense_local, expert_local = local_parameters(cfg, parallel)
-    params_local = dense_local + expert_local
+    weights_local = dense_local + expert_local
+    if plan.lora is not None:  # frozen base: only the adapters have grads and optimizer state
+        dense_local, expert_local = lora_parameters(cfg, plan.lora, parallel)
+        weights_local += dense_local + expert_local
+    trained_local = dense_local + expert_local
     # bf16 weights also under FP8: TE keeps bf16 parameters and casts per GEMM (fp8_param off).
-    mem = {"weights": params_local * 2 / GIB,
-           "grads": params_local * (4 if plan.grad_reduce_in_fp32 else 2) / GIB}
+    mem = {"weights": weights_local * 2 / GIB,
+           "grads": trained_local * (4 if plan.grad_reduce_in_fp32 else 2) / GIB}
     shard = (lambda n, d: n / d) if plan.distributed_optimizer else (lambda n, d: n)
     mem["optimizer"] = (shard(dense_local, dp) + shard(expert_local, expert_dp)) * 12 / GIB
 
@@ -187,3 +234,43 @@ def rank_layouts(cfg: ModelConfig, cluster: ClusterConfig, plan: PlanConfig,
     fitting = [e for e in all_layouts if e.total_gb <= cluster.gpu_memory_gb]
     fitting.sort(key=lambda e: (e.step_seconds, e.total_gb))
     return fitting[:top], len(all_layouts)
+
+
+# --- a training recipe's plan, full fine-tuning vs LoRA -----------------------------------------
+def plan_of(experiment) -> PlanConfig:
+    """The PlanConfig of a training ``ExperimentConfig`` (LoRA when ``train.peft: lora``)."""
+    t = experiment.train
+    return PlanConfig(seq_length=t.seq_length, global_batch=t.global_batch_size,
+                      micro_batch=t.micro_batch_size, recompute=t.recompute_granularity or "none",
+                      fp8=experiment.precision.fp8 is not None,
+                      distributed_optimizer=t.use_distributed_optimizer,
+                      lora=experiment.lora if t.peft == "lora" else None)
+
+
+def lora_vs_full(cfg: ModelConfig, parallel: ParallelConfig, plan: PlanConfig,
+                 cluster: ClusterConfig, lora: LoRAConfig) -> tuple[Estimate, Estimate]:
+    """(full fine-tuning, LoRA) estimates of one layout and batch."""
+    return (estimate(cfg, parallel, replace(plan, lora=None), cluster),
+            estimate(cfg, parallel, replace(plan, lora=lora), cluster))
+
+
+def lora_report(recipes) -> str:
+    """For each LoRA training recipe (paths), the planner's per-GPU memory of full fine-tuning and
+    of LoRA at the recipe's layout and cluster, as printable lines."""
+    from clinmega.training.config import load_experiment
+
+    lines = []
+    for path in recipes:
+        exp = load_experiment([path])
+        if exp.train.peft != "lora" or exp.cluster is None:
+            raise ConfigError(f"{path}: not a LoRA recipe with a cluster (train.peft, cluster)")
+        full, lora = lora_vs_full(exp.model, exp.parallel, plan_of(exp), exp.cluster, exp.lora)
+        dense, expert = lora_parameters(exp.model, exp.lora)
+        lines.append(f"{exp.model.name} LoRA r={exp.lora.rank} on {exp.cluster.num_gpus} x "
+                     f"{exp.cluster.gpu_memory_gb:g} GB, {lora.layout()}: "
+                     f"{(dense + expert) / 1e6:.1f}M adapter parameters")
+        for label, e in (("full", full), ("lora", lora)):
+            parts = ", ".join(f"{k} {v:.1f}" for k, v in e.memory_gb.items())
+            lines.append(f"  {label:4s} {e.total_gb:6.1f} GB/GPU ({parts})")
+        lines.append(f"  lora/full memory {lora.total_gb / full.total_gb:.2f}")
+    return "\n".join(lines)
