@@ -10,7 +10,6 @@ accuracy panel. The 2-rank (PP2) version is training_cases.pp2_benchmark_eval.
 
 from __future__ import annotations
 
-import contextlib
 import random
 from pathlib import Path
 
@@ -21,29 +20,9 @@ import torch
 from clinmega.config import ConfigError
 from clinmega.training.config import TrainConfig, load_experiment
 from eval_fixtures import write_tokenizer
+from training_cases import BENCHMARKS, benchmark_overrides, dropout
 
 ROOT = Path(__file__).resolve().parents[1]
-BENCHMARKS = ["medqa_4options", "pubmedqa"]
-
-
-@contextlib.contextmanager
-def dropout(p: float = 0.1):
-    """Training models built with hidden and attention dropout ``p`` (the presets have none)."""
-    real = TrainConfig.transformer_overrides
-
-    def with_dropout(self):
-        return {**real(self), "hidden_dropout": p, "attention_dropout": p}
-
-    TrainConfig.transformer_overrides = with_dropout
-    try:
-        yield
-    finally:
-        TrainConfig.transformer_overrides = real
-
-
-def benchmark_overrides(tokenizer: Path) -> list[str]:
-    return [f"train.eval_benchmarks=[{','.join(BENCHMARKS)}]", "train.eval_benchmark_limit=4",
-            "train.eval_benchmark_interval=2", f"train.eval_benchmark_tokenizer={tokenizer}"]
 
 
 def train_run(run_dir: Path, *overrides: str) -> list[dict]:
