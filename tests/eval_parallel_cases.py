@@ -3,15 +3,17 @@ spawned 2-rank gloo group (tests/case_table.py).
 
 For a dense model (tensor parallel 2, pipeline parallel 2, PP2 x virtual PP2) and a MoE model (expert
 parallel 2, TP2 + EP2, pipeline parallel 2): build random weights in the plain layout (both ranks hold
-everything), save them as a distributed checkpoint with an HF config.json and the tokenizer next to
-it, score and generate with that model in one process' layout, export the checkpoint to a HF folder
-(clinmega's exporter) and score it with the HF backend, then load the checkpoint through
-`MegatronBackend.from_checkpoint` at the parallel layout and do the same. Returns the differences.
+everything; once per model), save them as a distributed checkpoint with an HF config.json and the
+tokenizer next to it, score and generate with that model in one process' layout, export the
+checkpoint to a HF folder (clinmega's exporter) and score it with the HF backend, then load the
+checkpoint through `MegatronBackend.from_checkpoint` at each parallel layout and do the same. Returns
+the differences.
 """
 
 from __future__ import annotations
 
 import json
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -47,10 +49,12 @@ def max_diff(a: dict, b: dict) -> float:
     return max(abs(x - y) for x, y in zip(flat(a), flat(b), strict=True))
 
 
-def parallel_vs_plain(tmp: Path, name: str, num_layers: int = 2, **layout) -> dict:
-    """Random ``name`` weights in the plain layout, saved with config.json + tokenizer; its scores
-    and generations (one process' layout; HF backend on the exported folder) against
-    ``MegatronBackend.from_checkpoint`` of that folder at ``layout``."""
+@lru_cache(maxsize=None)
+def plain_reference(root: Path, name: str, num_layers: int) -> dict:
+    """Random ``name`` weights in the plain layout (both ranks hold everything), saved with config.json
+    + tokenizer; their scores and generations in one process' layout, and the HF backend's scores on
+    the exported folder (rank 0). Once per model for the whole group (each parallel-state
+    initialisation creates gloo groups)."""
     import torch.distributed as dist
     from transformers import AutoTokenizer
 
@@ -65,7 +69,7 @@ def parallel_vs_plain(tmp: Path, name: str, num_layers: int = 2, **layout) -> di
 
     torch.set_num_threads(1)
     cfg = get_preset(name, num_layers=num_layers)
-    directory = tmp / "ckpt"
+    directory = root / "plain" / f"{name}-{num_layers}" / "ckpt"
     initialize(ParallelConfig(), RuntimeConfig(seed=1234))
     [model] = build_model(cfg, ParallelConfig(), PrecisionConfig(dtype="fp32"))
     with torch.no_grad():
@@ -77,24 +81,31 @@ def parallel_vs_plain(tmp: Path, name: str, num_layers: int = 2, **layout) -> di
     dist.barrier()
     reference = MegatronBackend(model.eval(), AutoTokenizer.from_pretrained(str(directory)),
                                 cfg.max_position_embeddings, batch_size=2)
-    ref_scores, ref_gen = scores(reference), generations(reference)
     hf_scores = None
     if dist.get_rank() == 0:
-        export_hf(directory, tmp / "hf", model=cfg, assets=directory, progress=False)
-        hf_scores = scores(HFBackend.from_pretrained(tmp / "hf", batch_size=2))
-    parallel = MegatronBackend.from_checkpoint(directory, batch_size=2, **layout)
+        export_hf(directory, directory.parent / "hf", model=cfg, assets=directory, progress=False)
+        hf_scores = scores(HFBackend.from_pretrained(directory.parent / "hf", batch_size=2))
+    return dict(directory=directory, scores=scores(reference), generations=generations(reference),
+                hf_scores=hf_scores, params=sum(p.numel() for p in model.parameters()))
+
+
+def parallel_vs_plain(tmp: Path, name: str, num_layers: int = 2, **layout) -> dict:
+    """`plain_reference` against ``MegatronBackend.from_checkpoint`` of its folder at ``layout``."""
+    from clinmega.evaluation.backends.megatron import MegatronBackend
+
+    ref = plain_reference(tmp.parent, name, num_layers)
+    parallel = MegatronBackend.from_checkpoint(ref["directory"], batch_size=2, **layout)
     got_scores, got_gen = scores(parallel), generations(parallel)
     return {
-        "ll_diff": max_diff(ref_scores, got_scores),
-        "hf_ll_diff": None if hf_scores is None else max_diff(hf_scores, got_scores),
+        "ll_diff": max_diff(ref["scores"], got_scores),
+        "hf_ll_diff": None if ref["hf_scores"] is None else max_diff(ref["hf_scores"], got_scores),
         "ll_scale": max(abs(x) for x in got_scores["requests"]),
-        "greedy_equal": ref_gen["greedy"] == got_gen["greedy"],
-        "sampled_equal": ref_gen["sampled"] == got_gen["sampled"],
+        "greedy_equal": ref["generations"]["greedy"] == got_gen["greedy"],
+        "sampled_equal": ref["generations"]["sampled"] == got_gen["sampled"],
         "generated": got_gen["greedy"],
         "layout": layout,
         "chunks": len(parallel.chunks),
-        "params": (sum(p.numel() for p in reference.model.parameters()),
-                   sum(p.numel() for c in parallel.chunks for p in c.parameters())),
+        "params": (ref["params"], sum(p.numel() for c in parallel.chunks for p in c.parameters())),
     }
 
 
