@@ -139,3 +139,26 @@ def mixtral_tp2_ep2(tmp: Path) -> dict:
 @TABLE.case
 def mixtral_pp2(tmp: Path) -> dict:
     return parallel_vs_plain(tmp, "tiny-mixtral", pipeline_parallel=2)
+
+
+@TABLE.case
+def mixtral_tp2_sp_ep2_scoring(tmp: Path) -> dict:
+    """TP2 with sequence parallelism + EP2 (the Mixtral recipes' kind of layout, as the training loop's
+    live model has it): scoring pads each round to a multiple of TP; generation is refused."""
+    from transformers import AutoTokenizer
+
+    from clinmega.config import ParallelConfig
+    from clinmega.evaluation.backends.megatron import MegatronBackend, load_chunks
+
+    ref = plain_reference(tmp.parent, "tiny-mixtral", 2)
+    layout = ParallelConfig(tensor_parallel=2, sequence_parallel=True, expert_parallel=2, expert_tensor_parallel=1)
+    loaded = load_chunks(ref["directory"], parallel=layout)
+    backend = MegatronBackend(loaded.chunks, AutoTokenizer.from_pretrained(str(loaded.tokenizer)),
+                              loaded.model.max_position_embeddings, batch_size=2)
+    try:
+        backend.generate(PROMPTS[:1], 2)
+        refused = None
+    except ValueError as err:
+        refused = str(err)
+    return dict(ll_diff=max_diff(ref["scores"], scores(backend)), refused=refused,
+                sequence_parallel=backend.runner.config.sequence_parallel)

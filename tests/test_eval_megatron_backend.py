@@ -142,3 +142,10 @@ def test_every_layout_matches_one_process_and_the_hf_backend(parallel_group, cas
     assert results[0]["hf_ll_diff"] < 1e-4, (case.__name__, results[0])
     assert results[0]["ll_scale"] > 1.0, results[0]
     assert results[0]["chunks"] == (2 if "vpp2" in case.__name__ else 1)
+
+
+@pytest.mark.distributed
+def test_sequence_parallel_layout_scores_the_same_and_refuses_generation(parallel_group):
+    for result in parallel_group.ranks(epc.mixtral_tp2_sp_ep2_scoring):
+        assert result["sequence_parallel"] and result["ll_diff"] < 1e-4, result
+        assert "sequence parallelism" in result["refused"], result
