@@ -5,7 +5,7 @@ the RNG streams: hidden dropout draws from torch's generator, attention dropout 
 tensor-parallel tracker) runs 6 steps with and without benchmark accuracy every 2 steps; the losses
 must be bit-identical, the accuracy records appear at steps 2, 4, 6 with the tokens seen, the last
 ones equal `clinmega eval`'s scoring of the saved step-6 checkpoint, and `clinmega plot` draws the
-accuracy panel. The 2-rank (PP2) version is training_cases.pp2_benchmark_eval.
+accuracy panel. The 2-rank (PP2 x VPP2) version is training_cases.pp2_vpp2_benchmark_eval.
 """
 
 from __future__ import annotations

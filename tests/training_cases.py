@@ -132,16 +132,16 @@ def benchmark_overrides(tokenizer: Path, interval: int = 2) -> list[str]:
 
 
 @TABLE.case
-def pp2_benchmark_eval(tmp: Path) -> dict:
-    """PP2 with dropout, 4 steps from the DP runs' initial weights, with and without benchmark
-    accuracy every 2 steps (scored on the live pipelined model)."""
+def pp2_vpp2_benchmark_eval(tmp: Path) -> dict:
+    """PP2 x VPP2 with dropout, 4 steps from the DP runs' initial weights, with and without benchmark
+    accuracy every 2 steps (scored on the live interleaved-pipeline model)."""
     from eval_fixtures import write_tokenizer
 
     if dist.get_rank() == 0:
         write_tokenizer(tmp / "tokenizer")
     dist.barrier()
     common = [*CPT_STEPS, "train.steps=4", "parallel.pipeline_parallel=2",
-              f"checkpoint.load_weights={initial_weights(tmp / 'init')}"]
+              "parallel.virtual_pipeline_parallel=2", f"checkpoint.load_weights={initial_weights(tmp / 'init')}"]
     with dropout():
         plain = run(CPT_RECIPE, tmp / "plain", *common)
         scored = run(CPT_RECIPE, tmp / "scored", *common, *benchmark_overrides(tmp / "tokenizer"))
