@@ -43,7 +43,7 @@ def training_state_kept(chunks: Sequence[torch.nn.Module]) -> Iterator[None]:
     tracker = get_cuda_rng_tracker()
     states = (random.getstate(), np.random.get_state(), torch.get_rng_state(),
               torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-              tracker.get_states())
+              {k: v.clone() if torch.is_tensor(v) else v for k, v in tracker.get_states().items()})
     try:
         for chunk in chunks:
             chunk.eval()
