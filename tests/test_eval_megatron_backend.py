@@ -122,11 +122,30 @@ def parallel_group(tmp_path_factory):
     return epc.TABLE.spawn(tmp_path_factory.mktemp("eval_parallel"))
 
 
+LAYOUTS = [epc.mistral_v01_tp2, epc.mistral_v01_pp2, epc.mistral_v01_pp2_vpp2, epc.mixtral_ep2,
+           epc.mixtral_tp2_ep2, epc.mixtral_pp2]
+
+
 @pytest.mark.distributed
-@pytest.mark.parametrize("case", [epc.mistral_v01_tp2, epc.mixtral_ep2], ids=lambda c: c.__name__)
-def test_tensor_and_expert_parallel_ranks_match_the_plain_layout(parallel_group, case):
-    for result in parallel_group.ranks(case):
+@pytest.mark.parametrize("case", LAYOUTS, ids=lambda c: c.__name__)
+def test_every_layout_matches_one_process_and_the_hf_backend(parallel_group, case):
+    """Per-item log-likelihoods (fp32) at TP2, PP2, PP2 x VPP2, EP2, TP2+EP2 and PP2 equal one
+    process' and the HF backend's on the exported folder to 1e-4 (the values are ~10-100 nats);
+    greedy and sampled generations are the same strings."""
+    results = parallel_group.ranks(case)
+    for result in results:
         assert result["ll_diff"] < 1e-4, (case.__name__, result)
         assert result["greedy_equal"] and result["sampled_equal"], (case.__name__, result)
+        assert any(result["generated"]), (case.__name__, result)  # something was generated
         full, local = result["params"]
         assert local < full, (case.__name__, result)  # the weights really are split across the two ranks
+    assert results[0]["hf_ll_diff"] < 1e-4, (case.__name__, results[0])
+    assert results[0]["ll_scale"] > 1.0, results[0]
+    assert results[0]["chunks"] == (2 if "vpp2" in case.__name__ else 1)
+
+
+@pytest.mark.distributed
+def test_sequence_parallel_layout_scores_the_same_and_refuses_generation(parallel_group):
+    for result in parallel_group.ranks(epc.mixtral_tp2_sp_ep2_scoring):
+        assert result["sequence_parallel"] and result["ll_diff"] < 1e-4, result
+        assert "sequence parallelism" in result["refused"], result

@@ -245,6 +245,18 @@ def test_full_recompute_matches(group):
 
 
 @pytest.mark.distributed
+def test_pp2_vpp2_benchmark_accuracy_leaves_the_losses_bit_identical(group):
+    """train.eval_benchmarks on the live PP2 x VPP2 model (dropout on): the same losses to the last
+    bit, accuracy rows at steps 2 and 4 (test_training_benchmark_eval.py: single process)."""
+    out = group[cases.pp2_vpp2_benchmark_eval]
+    assert sorted(out["plain"]) == [1, 2, 3, 4] and out["scored"] == out["plain"]
+    rows = [r for r in out["records"] if "eval/seconds" in r]
+    assert [r["step"] for r in rows] == [2, 4]
+    for r in rows:
+        assert all(0.0 <= r[f"eval/{name}/acc"] <= 1.0 for name in cases.BENCHMARKS), r
+
+
+@pytest.mark.distributed
 def test_cpt_rewarm_restarts_the_schedule_when_extended(group):
     lr = {r["step"]: r["lr"] for r in group[cases.rewarm]}
     assert sorted(lr) == list(range(1, 9))

@@ -7,6 +7,7 @@ Each case returns plain data (losses, records, captured tensors); the recipe is 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 
@@ -104,6 +105,47 @@ def pp2_vpp2(tmp: Path) -> dict:
     return run(CPT_RECIPE, tmp / "run", *CPT_STEPS, "train.steps=5",
                "parallel.pipeline_parallel=2", "parallel.virtual_pipeline_parallel=2",
                f"checkpoint.load_weights={initial_weights(tmp / 'init')}")["losses"]
+
+
+# --- train.eval_benchmarks (single process: test_training_benchmark_eval.py) --------------------
+BENCHMARKS = ["medqa_4options", "pubmedqa"]
+
+
+@contextlib.contextmanager
+def dropout(p: float = 0.1):
+    """Training models built with hidden and attention dropout ``p`` (the presets have none), so the
+    trajectory depends on the RNG streams (torch's generator, megatron's tensor-parallel tracker)."""
+    from clinmega.training.config import TrainConfig
+
+    real = TrainConfig.transformer_overrides
+    TrainConfig.transformer_overrides = lambda self: {**real(self), "hidden_dropout": p,
+                                                      "attention_dropout": p}
+    try:
+        yield
+    finally:
+        TrainConfig.transformer_overrides = real
+
+
+def benchmark_overrides(tokenizer: Path, interval: int = 2) -> list[str]:
+    return [f"train.eval_benchmarks=[{','.join(BENCHMARKS)}]", "train.eval_benchmark_limit=4",
+            f"train.eval_benchmark_interval={interval}", f"train.eval_benchmark_tokenizer={tokenizer}"]
+
+
+@TABLE.case
+def pp2_vpp2_benchmark_eval(tmp: Path) -> dict:
+    """PP2 x VPP2 with dropout, 4 steps from the DP runs' initial weights, with and without benchmark
+    accuracy every 2 steps (scored on the live interleaved-pipeline model)."""
+    from eval_fixtures import write_tokenizer
+
+    if dist.get_rank() == 0:
+        write_tokenizer(tmp / "tokenizer")
+    dist.barrier()
+    common = [*CPT_STEPS, "train.steps=4", "parallel.pipeline_parallel=2",
+              "parallel.virtual_pipeline_parallel=2", f"checkpoint.load_weights={initial_weights(tmp / 'init')}"]
+    with dropout():
+        plain = run(CPT_RECIPE, tmp / "plain", *common)
+        scored = run(CPT_RECIPE, tmp / "scored", *common, *benchmark_overrides(tmp / "tokenizer"))
+    return dict(plain=plain["losses"], scored=scored["losses"], records=scored["records"])
 
 
 @TABLE.case

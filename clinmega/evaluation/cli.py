@@ -44,6 +44,14 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         "= parallel.tensor_parallel")
     p.add_argument("--expert-parallel", "--ep", type=int, default=1,
                    help="megatron: expert-parallel ranks (Mixtral); = parallel.expert_parallel")
+    p.add_argument("--expert-tensor-parallel", "--etp", type=int, default=None,
+                   help="megatron: tensor-parallel ranks of each expert (default: --tensor-parallel); "
+                        "= parallel.expert_tensor_parallel")
+    p.add_argument("--pipeline-parallel", "--pp", type=int, default=1,
+                   help="megatron: pipeline stages (e.g. the PP4 a Mixtral recipe trains at; the checkpoint "
+                        "is read at any layout); = parallel.pipeline_parallel")
+    p.add_argument("--virtual-pipeline-parallel", "--vpp", type=int, default=None,
+                   help="megatron: model chunks per pipeline stage; = parallel.virtual_pipeline_parallel")
     p.add_argument("--benchmarks", default="medqa_4options,medmcqa,pubmedqa,mmlu_clinical",
                    help="comma-separated benchmark names or groups (mmlu_clinical)")
     p.add_argument("--data-dir", type=Path, default=None,
@@ -99,7 +107,10 @@ def build_backend(args: argparse.Namespace):
 
     return MegatronBackend.from_checkpoint(args.model_dir, model_config=args.model_config, tokenizer=args.tokenizer,
                                            dtype=args.dtype, batch_size=args.batch_size,
-                                           tensor_parallel=args.tensor_parallel, expert_parallel=args.expert_parallel)
+                                           tensor_parallel=args.tensor_parallel, expert_parallel=args.expert_parallel,
+                                           pipeline_parallel=args.pipeline_parallel,
+                                           virtual_pipeline_parallel=args.virtual_pipeline_parallel,
+                                           expert_tensor_parallel=args.expert_tensor_parallel)
 
 
 def resolve_model(backend: str, model_dir: Path) -> tuple[str, Path]:

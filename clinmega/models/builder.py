@@ -42,14 +42,16 @@ def fused_wgrad_available() -> bool:
 
 
 def transformer_config(model: ModelConfig, parallel: ParallelConfig, precision: PrecisionConfig,
-                       runtime: RuntimeConfig | None = None, **overrides) -> TransformerConfig:
+                       runtime: RuntimeConfig | None = None, training: bool = True,
+                       **overrides) -> TransformerConfig:
     """The megatron-core TransformerConfig for this model, layout and precision.
 
     ``overrides`` are passed through to TransformerConfig (e.g. activation recompute settings
-    from the training config).
+    from the training config). ``training=False``: a model for evaluation only (see
+    :func:`clinmega.models.layout.check_layout`).
     """
     runtime = runtime or RuntimeConfig()
-    check_layout(model, parallel)
+    check_layout(model, parallel, training)
     impl = resolve_transformer_impl(runtime.transformer_impl)
     te = impl == "transformer_engine"
     on_gpu = torch.cuda.is_available()
@@ -153,12 +155,13 @@ def build_model_chunk(model: ModelConfig, config: TransformerConfig, pre_process
 
 
 def build_model(model: ModelConfig, parallel: ParallelConfig, precision: PrecisionConfig,
-                runtime: RuntimeConfig | None = None, **overrides) -> list[GPTModel]:
+                runtime: RuntimeConfig | None = None, training: bool = True, **overrides) -> list[GPTModel]:
     """The model chunks of this rank (one per virtual pipeline stage), after
-    :func:`clinmega.runtime.initialize` has set up the parallel state."""
+    :func:`clinmega.runtime.initialize` has set up the parallel state (``training=False``: for
+    evaluation only, see :func:`transformer_config`)."""
     from megatron.core import parallel_state as ps
 
-    config = transformer_config(model, parallel, precision, runtime, **overrides)
+    config = transformer_config(model, parallel, precision, runtime, training, **overrides)
     vpp = parallel.virtual_pipeline_parallel or 1
     chunks = []
     for vp_stage in range(vpp):

@@ -7,8 +7,10 @@ from clinmega.config.errors import ConfigError
 from clinmega.config.schema import ModelConfig, ParallelConfig
 
 
-def check_layout(model: ModelConfig, parallel: ParallelConfig) -> None:
-    """Reject layouts the model cannot be split into, naming the field."""
+def check_layout(model: ModelConfig, parallel: ParallelConfig, training: bool = True) -> None:
+    """Reject layouts the model cannot be split into, naming the field. ``training=False`` (a model
+    built for evaluation only) also accepts MoE with tensor parallelism and no sequence parallelism,
+    which megatron-core's MoE layer refuses in training mode only."""
     tp, pp = parallel.tensor_parallel, parallel.pipeline_parallel
     if model.num_query_groups % tp:
         raise ConfigError(f"parallel.tensor_parallel: {tp} does not divide the "
@@ -22,7 +24,7 @@ def check_layout(model: ModelConfig, parallel: ParallelConfig) -> None:
                           f"evenly into PP*VPP = {stages} stages")
     if parallel.expert_parallel > 1 and not model.is_moe:
         raise ConfigError("parallel.expert_parallel: the model has no experts")
-    if model.is_moe and tp > 1 and not parallel.sequence_parallel:
+    if training and model.is_moe and tp > 1 and not parallel.sequence_parallel:
         raise ConfigError("parallel.sequence_parallel: megatron-core's MoE layer requires sequence "
                           "parallelism whenever tensor_parallel > 1; set it to true")
     if model.is_moe and model.num_experts % parallel.expert_parallel:

@@ -12,6 +12,8 @@ Modules (each importable on its own):
 * ``neftune``    – NEFTune noise on the first-stage embedding (masked, per packed sample);
 * ``checkpoint`` – atomic (optionally async) dist checkpoints, keep-last-K, resume, SIGTERM;
 * ``logging``    – JSONL / TensorBoard / rich progress, FLOPs per token, TFLOPS and MFU;
-* ``plot``       – loss/LR curves PNG of a run;
+* ``benchmark_eval`` – ``train.eval_benchmarks``: MCQ accuracy of the live model every N steps,
+  the training state kept;
+* ``plot``       – loss/LR curves (and benchmark accuracy against tokens seen) PNG of a run;
 * ``loop``       – ``train(cfg)``; ``cli`` – the ``train`` and ``plot`` verbs (``register``).
 """

@@ -41,7 +41,8 @@ def register(subparsers) -> None:
     p.add_argument("recipe", help="recipe YAML (an ExperimentConfig: the keys below)")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.lr=1e-5")
     p.set_defaults(func=_train)
-    p = subparsers.add_parser("plot", help="PNG of a training run's loss/LR curves")
+    p = subparsers.add_parser("plot", help="PNG of a training run's loss/LR curves (and benchmark "
+                                          "accuracy against tokens seen, with train.eval_benchmarks)")
     p.add_argument("run_dir", help="a train run directory (holds metrics.jsonl)")
     p.add_argument("-o", "--output", default=None, help="PNG path (default: <run_dir>/curves.png)")
     p.set_defaults(func=_plot)

@@ -107,6 +107,14 @@ class TrainConfig:
     neftune_alpha: Optional[float] = None  # None: off; 5 is the paper's usual value
     nan_policy: str = "stop"
     peft: Optional[str] = None             # None: full fine-tuning; "lora": adapters (section lora.*)
+    # MCQ log-likelihood accuracy of the live model every eval_benchmark_interval steps (and at the
+    # end), logged as eval/<benchmark>/acc (clinmega.training.benchmark_eval); [] = off.
+    eval_benchmarks: list[str] = field(default_factory=list)  # names or groups of clinmega eval
+    eval_benchmark_limit: Optional[int] = 100     # first N items per benchmark; None = all
+    eval_benchmark_strategy: str = "zero_shot"    # a log-likelihood strategy of clinmega eval
+    eval_benchmark_interval: int = 0              # steps; must be >= 1 with eval_benchmarks
+    eval_benchmark_data_dir: Optional[str] = None  # <benchmark>/ folders; None = the shipped synthetic set
+    eval_benchmark_tokenizer: Optional[str] = None  # None = the loaded/resumed checkpoint's hf_assets
 
     def __post_init__(self):
         _choice("train", "stage", self.stage, STAGES)
@@ -137,6 +145,30 @@ class TrainConfig:
         for key in ("save_interval", "eval_interval"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"train.{key}: must be >= 0")
+        self._check_eval_benchmarks()
+
+    def _check_eval_benchmarks(self) -> None:
+        from clinmega.evaluation.benchmarks import expand_benchmark_names
+        from clinmega.evaluation.strategies import parse_strategy
+
+        try:
+            expand_benchmark_names(list(self.eval_benchmarks))
+        except ValueError as err:
+            raise ConfigError(f"train.eval_benchmarks: {err}") from None
+        try:
+            strategy = parse_strategy(self.eval_benchmark_strategy)
+        except ValueError as err:
+            raise ConfigError(f"train.eval_benchmark_strategy: {err}") from None
+        if strategy.scoring != "loglikelihood":
+            raise ConfigError(f"train.eval_benchmark_strategy: {self.eval_benchmark_strategy!r} generates "
+                              "text; accuracy during training scores log-likelihoods (e.g. zero_shot, "
+                              "few_shot, choice_shuffle)")
+        _positive("train", "eval_benchmark_limit", self.eval_benchmark_limit)
+        if self.eval_benchmark_interval < 0:
+            raise ConfigError("train.eval_benchmark_interval: must be >= 0")
+        if self.eval_benchmarks and not self.eval_benchmark_interval:
+            raise ConfigError("train.eval_benchmark_interval: set it (steps between evaluations, >= 1) "
+                              "to score train.eval_benchmarks")
 
     @property
     def lr_decay_steps(self) -> int:

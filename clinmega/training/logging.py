@@ -84,7 +84,8 @@ class MetricsLogger:
         if self._writer is not None:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
-                    self._writer.add_scalar(f"train/{key}", value, step)
+                    # eval/<benchmark>/acc keeps its own section next to train/loss
+                    self._writer.add_scalar(key if "/" in key else f"train/{key}", value, step)
         if self._progress is not None:
             info = f"loss {record.get('loss', float('nan')):.4f} lr {record.get('lr', 0):.2e}"
             if "tokens_per_s" in record:

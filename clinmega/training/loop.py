@@ -5,7 +5,8 @@
 records) wrapped in megatron DDP; 3. optimizer + LR schedule; 4. resume from
 ``<checkpoint dir>/latest`` if there is one; 5. per step: this DP rank's microbatches of the global
 batch through megatron-core's schedule (any PP / virtual PP), NaN/inf check, optimizer step, log,
-evaluate, checkpoint; SIGTERM saves and exits. Returns a summary dict.
+evaluate (validation loss; benchmark accuracy with ``train.eval_benchmarks``), checkpoint; SIGTERM
+saves and exits. Returns a summary dict.
 
 Run as ``python -m clinmega.training.loop recipe.yaml [key=value ...]`` (or ``clinmega train``),
 under ``torchrun`` for several ranks.
@@ -28,6 +29,7 @@ from clinmega.models import build_model
 from clinmega.models.builder import DTYPES
 from clinmega.models.dist_ckpt import load_model_weights
 from clinmega.runtime import initialize
+from clinmega.training.benchmark_eval import BenchmarkEvaluator
 from clinmega.training.checkpoint import Checkpointer, TerminationFlag, TrainingState
 from clinmega.training.config import ExperimentConfig
 from clinmega.training.data import GlobalBatchSampler, build_sources, is_packed
@@ -63,6 +65,7 @@ class Trainer:
     neftune: NEFTune | None
     checkpointer: Checkpointer
     state: TrainingState
+    benchmarks: BenchmarkEvaluator | None = None  # train.eval_benchmarks
 
     @property
     def dp_rank(self) -> int:
@@ -113,6 +116,13 @@ class Trainer:
             chunk.train()
         moe_aux_loss(self.cfg, len(self.model))  # drop the eval forward's router statistics
         return sum(losses) / len(losses)
+
+    def evaluate_benchmarks(self) -> dict[str, float]:
+        """``eval/<benchmark>/acc`` and ``eval/seconds`` of the live model (train.eval_benchmarks);
+        the training state is left as it was (clinmega.training.benchmark_eval)."""
+        metrics = self.benchmarks.evaluate(self.model)
+        moe_aux_loss(self.cfg, len(self.model))  # drop the eval forwards' router statistics
+        return metrics
 
 
 def moe_aux_loss(cfg: ExperimentConfig, num_chunks: int) -> float | None:
@@ -194,7 +204,10 @@ def build_trainer(cfg: ExperimentConfig) -> Trainer:
     if saved_schedule is not None:
         scheduler.load_state_dict(saved_schedule)
     state.schedule = schedule_signature(train)
-    return Trainer(cfg, model, optimizer, scheduler, sampler, valid, neftune, checkpointer, state)
+    assets = source.info.assets if source.info is not None and source.info.has_tokenizer else None
+    benchmarks = BenchmarkEvaluator.from_config(cfg, assets)
+    return Trainer(cfg, model, optimizer, scheduler, sampler, valid, neftune, checkpointer, state,
+                   benchmarks)
 
 
 def _write_run_files(cfg: ExperimentConfig) -> None:
@@ -228,6 +241,9 @@ def run_steps(trainer: Trainer, logger: MetricsLogger, stop: TerminationFlag) ->
             logger.log(state.step, **metrics, **logger.throughput(timer.elapsed))
         if t.eval_interval and (state.step % t.eval_interval == 0 or last):
             logger.log(state.step, val_loss=trainer.evaluate(state.step))
+        if trainer.benchmarks is not None and (state.step % t.eval_benchmark_interval == 0 or last):
+            logger.log(state.step, **trainer.evaluate_benchmarks(),
+                       tokens=state.step * logger.tokens_per_step)
         terminated = stop.should_stop()
         if last or terminated or (t.save_interval and state.step % t.save_interval == 0):
             sync_params(trainer.model)

@@ -1,5 +1,6 @@
-"""``clinmega plot <run-dir>``: a PNG of the loss (train and validation) and LR curves of a run,
-read from its ``metrics.jsonl`` (written by :mod:`clinmega.training.logging`)."""
+"""``clinmega plot <run-dir>``: a PNG of the loss (train and validation) and LR curves of a run and,
+when it scored ``train.eval_benchmarks``, benchmark accuracy against training tokens seen; read from
+its ``metrics.jsonl`` (written by :mod:`clinmega.training.logging`)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,16 @@ from pathlib import Path
 
 from clinmega.training.metrics_file import read_metrics
 from clinmega.utils.atomic import tmp_sibling
+
+
+def accuracy_series(records: list[dict]) -> dict[str, list[tuple[int, float]]]:
+    """Per benchmark, (training tokens seen, accuracy) of each ``eval/<benchmark>/acc`` record."""
+    out: dict[str, list[tuple[int, float]]] = {}
+    for r in records:
+        for key, value in r.items():
+            if key.startswith("eval/") and key.endswith("/acc") and "tokens" in r:
+                out.setdefault(key[len("eval/"):-len("/acc")], []).append((r["tokens"], value))
+    return out
 
 
 def plot_run(run_dir: str | Path, output: str | Path | None = None) -> Path:
@@ -21,7 +32,21 @@ def plot_run(run_dir: str | Path, output: str | Path | None = None) -> Path:
               for key in ("loss", "val_loss", "lr", "moe_aux_loss")}
     if not series["loss"]:
         raise ValueError(f"{run_dir}: metrics.jsonl has no training loss records")
-    fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+    accuracy = accuracy_series(records)
+    if accuracy:
+        fig = plt.figure(figsize=(8, 9))
+        ax_loss = fig.add_subplot(3, 1, 1)
+        ax_lr = fig.add_subplot(3, 1, 2, sharex=ax_loss)
+        ax_acc = fig.add_subplot(3, 1, 3)
+        for name, points in sorted(accuracy.items()):
+            ax_acc.plot(*zip(*points), label=name, marker=".")
+        ax_acc.set_xlabel("training tokens seen")
+        ax_acc.set_ylabel("accuracy")
+        ax_acc.set_ylim(0, 1)
+        ax_acc.legend()
+        ax_acc.grid(alpha=0.3)
+    else:
+        fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
     for key, label in (("loss", "train loss"), ("val_loss", "validation loss"),
                        ("moe_aux_loss", "MoE load-balancing loss")):
         if series[key]:

@@ -20,7 +20,8 @@ one prompt) share one forward pass.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, Callable, Protocol, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import torch
 
@@ -43,6 +44,31 @@ def next_tokens(logits: torch.Tensor, temperature: float, top_p: float,
         keep = sorted_probs.cumsum(dim=-1) - sorted_probs < top_p  # always keeps the top token
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs * keep)
     return torch.stack([torch.multinomial(p, 1, generator=g)[0] for p, g in zip(probs, generators)])
+
+
+@dataclass
+class ScoreBatch:
+    """One log-likelihood forward: a right-padded batch ``tokens`` [B, T] (row b holds ``lengths[b]``
+    real tokens) and per row the continuations scored at its end (``targets[b]``: token lists, each
+    ending at the row's last position + 1; the options " A", " B", ... of one prompt share a row)."""
+
+    tokens: torch.Tensor
+    lengths: list[int]
+    targets: list[list[list[int]]]
+
+
+def continuation_logprobs(logits: torch.Tensor, batch: ScoreBatch) -> list[list[float]]:
+    """Per row, per target: the sum of the target tokens' log-probabilities under ``logits``
+    [>=B, >=T, V] (rows/positions past the batch's are ignored)."""
+    out = []
+    for b, (length, targets) in enumerate(zip(batch.lengths, batch.targets)):
+        row = []
+        for cont in targets:
+            positions = torch.arange(length - len(cont), length, device=logits.device)
+            logprobs = torch.log_softmax(logits[b, positions].float(), dim=-1)
+            row.append(logprobs.gather(1, torch.tensor(cont, device=logits.device)[:, None]).sum().item())
+        out.append(row)
+    return out
 
 
 class TokenBackend(ABC):
@@ -90,23 +116,31 @@ class TokenBackend(ABC):
         for i, (ctx, cont) in enumerate(encoded):
             inputs.setdefault(tuple((ctx + cont)[-(self.max_length + 1):][:-1]), []).append(i)
         unique = sorted(inputs, key=len, reverse=True)
-        results = [0.0] * len(encoded)
+        batches = []
         for start in range(0, len(unique), self.batch_size):
-            batch = unique[start:start + self.batch_size]
-            lengths = [len(x) for x in batch]
-            tokens = torch.full((len(batch), max(lengths)), self.pad_id, dtype=torch.long)
-            for b, x in enumerate(batch):
+            rows = unique[start:start + self.batch_size]
+            lengths = [len(x) for x in rows]
+            tokens = torch.full((len(rows), max(lengths)), self.pad_id, dtype=torch.long)
+            for b, x in enumerate(rows):
                 tokens[b, : lengths[b]] = torch.tensor(x)
-            logits = self._logits(tokens, lengths)
-            for b, x in enumerate(batch):
-                for i in inputs[x]:
-                    cont = encoded[i][1]
-                    positions = torch.arange(lengths[b] - len(cont), lengths[b], device=logits.device)
-                    logprobs = torch.log_softmax(logits[b, positions].float(), dim=-1)
-                    targets = torch.tensor(cont, device=logits.device)[:, None]
-                    results[i] = logprobs.gather(1, targets).sum().item()
-            self._report("log-likelihood forwards", start + len(batch), len(unique))
+            batches.append(ScoreBatch(tokens, lengths, [[encoded[i][1] for i in inputs[x]] for x in rows]))
+        results = [0.0] * len(encoded)
+        done = 0
+        for batch, sums in zip(batches, self._score_batches(batches)):
+            rows = unique[done:done + len(batch.lengths)]
+            for x, row_sums in zip(rows, sums):
+                for i, value in zip(inputs[x], row_sums):
+                    results[i] = value
+            done += len(rows)
+            self._report("log-likelihood forwards", done, len(unique))
         return results
+
+    def _score_batches(self, batches: Sequence["ScoreBatch"]) -> Iterator[list[list[float]]]:
+        """Per batch (in order), per row, the summed log-probabilities of the row's targets. This
+        default runs `_logits` batch by batch; a backend may override it (the Megatron one runs
+        several batches as the microbatches of one pipeline schedule)."""
+        for batch in batches:
+            yield continuation_logprobs(self._logits(batch.tokens, batch.lengths), batch)
 
     # --------------------------------------------------------------------------------- generation
     @torch.no_grad()
