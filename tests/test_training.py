@@ -240,8 +240,9 @@ def test_full_recompute_matches(group):
     for step, loss in recompute["losses"].items():
         assert abs(loss - plain["losses"][step]) <= 1e-6, (step, loss)
     # ...and it did recompute: the backward ran every layer's forward once more.
-    assert plain["layer_forwards_per_step"] == 4 * 2  # 4 layers x 2 microbatches per rank
-    assert recompute["layer_forwards_per_step"] == 2 * plain["layer_forwards_per_step"]
+    counts = (recompute["layer_forwards_per_step"], plain["layer_forwards_per_step"])
+    assert plain["layer_forwards_per_step"] == 4 * 2, counts  # 4 layers x 2 microbatches per rank
+    assert recompute["layer_forwards_per_step"] == 2 * plain["layer_forwards_per_step"], counts
 
 
 @pytest.mark.distributed
