@@ -157,7 +157,7 @@ def forward_backward(model: Sequence[torch.nn.Module], microbatches: Sequence[di
             if hasattr(chunk, "zero_grad_buffer"):
                 chunk.zero_grad_buffer()
     if not forward_only:
-        _set_aux_loss_scale(model, microbatches)
+        set_aux_loss_scale(model, microbatches)
     vpp = len(model)
     iterators: Iterable = ([iter(microbatches) for _ in range(vpp)] if vpp > 1
                            else iter(microbatches))
@@ -168,7 +168,7 @@ def forward_backward(model: Sequence[torch.nn.Module], microbatches: Sequence[di
     return reduce_loss(losses)
 
 
-def _set_aux_loss_scale(model: Sequence[torch.nn.Module], microbatches: Sequence[dict]) -> None:
+def set_aux_loss_scale(model: Sequence[torch.nn.Module], microbatches: Sequence[dict]) -> None:
     """Weight the MoE load-balancing loss as coeff x (its mean over the global batch's
     microbatches), its definition, also when not every token is a loss token.
 
