@@ -51,13 +51,13 @@ def _records(run_dir: Path) -> list[dict]:
     return read_metrics(run_dir)
 
 
-def initial_weights(path: Path) -> Path:
-    """The tiny recipe's freshly initialised weights (single-stage layout) as a dist checkpoint."""
+def initial_weights(path: Path, recipe: Path = CPT_RECIPE, *overrides: str) -> Path:
+    """The recipe's freshly initialised weights (single-stage layout, no EP) as a dist checkpoint."""
     from clinmega.models import build_model
     from clinmega.models.dist_ckpt import save_model_weights
     from clinmega.runtime import initialize
 
-    cfg = experiment(CPT_RECIPE, path)
+    cfg = experiment(recipe, path, *overrides)
     initialize(cfg.parallel, cfg.runtime)
     save_model_weights(build_model(cfg.model, cfg.parallel, cfg.precision, cfg.runtime), path)
     return path
@@ -199,19 +199,19 @@ class RouterTrace:
 
 def mixtral_aux(tmp: Path, *parallel: str) -> dict:
     """Tiny Mixtral SFT (packed), aux loss on, 2 steps with plain DDP, routers traced; started
-    from the same initial weights in every layout (``mixtral_initial_weights``)."""
+    from the same initial weights in every layout (``initial_weights``)."""
     from megatron.core import parallel_state as ps
 
+    init = initial_weights(tmp / "init", SFT_RECIPE, "model.preset=tiny-mixtral")
     with RouterTrace() as trace:
-        out = run(SFT_RECIPE, tmp / "run", *MIXTRAL_AUX, *parallel,
-                  f"checkpoint.load_weights={mixtral_initial_weights(tmp / 'init')}")
+        out = run(SFT_RECIPE, tmp / "run", *MIXTRAL_AUX, *parallel, f"checkpoint.load_weights={init}")
     router = trace.routers[0]
     return dict(records=out["records"], calls=trace.calls, microbatches=trace.microbatches,
                 grad_with=trace.grad_with, grad_without=trace.grad_without,
                 coeff=router.config.moe_aux_loss_coeff, topk=router.topk,
                 num_experts=router.config.num_moe_experts, num_layers=router.config.num_layers,
                 dp_rank=ps.get_data_parallel_rank(), dp_size=ps.get_data_parallel_world_size(),
-                ep_size=ps.get_expert_model_parallel_world_size(), init=str(tmp / "init"))
+                ep_size=ps.get_expert_model_parallel_world_size(), init=str(init))
 
 
 # The aux-loss runs' recipe overrides (also the single-process run in test_training.py).
@@ -219,18 +219,6 @@ MIXTRAL_AUX = ["model.preset=tiny-mixtral", "train.steps=2", "train.warmup_steps
                "train.neftune_alpha=null",
                "train.use_distributed_optimizer=false", "checkpoint.resume=false",
                "logging.tensorboard=false"]
-
-
-def mixtral_initial_weights(path: Path) -> Path:
-    """The tiny Mixtral's freshly initialised weights (EP1) as a dist checkpoint."""
-    from clinmega.models import build_model
-    from clinmega.models.dist_ckpt import save_model_weights
-    from clinmega.runtime import initialize
-
-    cfg = experiment(SFT_RECIPE, path, "model.preset=tiny-mixtral")
-    initialize(cfg.parallel, cfg.runtime)
-    save_model_weights(build_model(cfg.model, cfg.parallel, cfg.precision, cfg.runtime), path)
-    return path
 
 
 @TABLE.case
