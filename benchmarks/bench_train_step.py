@@ -36,6 +36,7 @@ def bare_megatron(cfg, microbatches, weights: dict | None = None):
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from clinmega.models import build_model
+    from clinmega.training.step import set_aux_loss_scale
 
     chunk = build_model(cfg.model, cfg.parallel, cfg.precision, cfg.runtime,
                         calculate_per_token_loss=True)[0]
@@ -67,6 +68,7 @@ def bare_megatron(cfg, microbatches, weights: dict | None = None):
                 group["lr"] = lr
         ddp.zero_grad_buffer()
         optimizer.zero_grad()
+        set_aux_loss_scale([ddp], mbs)  # MoE: the aux loss weighted as clinmega's step does
         losses = get_forward_backward_func()(
             forward_step_func=forward_step, data_iterator=iter(mbs), model=[ddp],
             num_microbatches=len(mbs), seq_length=t.seq_length,

@@ -34,6 +34,8 @@ def test_forward_backward_finite(runtime, name):
     grads = [p.grad for p in model.parameters()]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
     assert sum(g.abs().sum().item() for g in grads) > 0
+    zero = [n for n, p in model.named_parameters() if not p.grad.any()]
+    assert not zero, zero  # every tensor gets a gradient (every expert got tokens)
 
 
 def test_cpu_compat_is_idempotent_and_named(runtime):

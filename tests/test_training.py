@@ -240,8 +240,9 @@ def test_full_recompute_matches(group):
     for step, loss in recompute["losses"].items():
         assert abs(loss - plain["losses"][step]) <= 1e-6, (step, loss)
     # ...and it did recompute: the backward ran every layer's forward once more.
-    assert plain["layer_forwards_per_step"] == 4 * 2  # 4 layers x 2 microbatches per rank
-    assert recompute["layer_forwards_per_step"] == 2 * plain["layer_forwards_per_step"]
+    counts = (recompute["layer_forwards_per_step"], plain["layer_forwards_per_step"])
+    assert plain["layer_forwards_per_step"] == 4 * 2, counts  # 4 layers x 2 microbatches per rank
+    assert recompute["layer_forwards_per_step"] == 2 * plain["layer_forwards_per_step"], counts
 
 
 @pytest.mark.distributed
@@ -272,6 +273,91 @@ def test_mixtral_ep2_sft_trains_with_finite_aux_loss(group):
     for r in records:
         assert math.isfinite(r["loss"]) and math.isfinite(r["moe_aux_loss"]), r
         assert r["moe_aux_loss"] > 0
+
+
+def hand_aux_loss(call: dict, topk: int, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """The Switch Transformer / Mixtral load-balancing loss of one router call, by hand from the
+    router's input and weight: E * sum_e f_e * P_e over the call's T tokens (the whole
+    microbatch on this rank, padding included: clinmega passes megatron-core no padding mask),
+    f_e = the share of the T*k top-k choices that go to expert e, P_e = the mean over the T
+    tokens of the softmax over all E logits. Differentiable in ``weight`` (f is a count)."""
+    x = call["x"].reshape(-1, call["x"].shape[-1]).double()
+    weight = call["weight"].double() if weight is None else weight
+    logits = x @ weight.T
+    T, E = logits.shape
+    chosen = logits.detach().topk(topk, dim=-1).indices
+    f = torch.zeros(E, dtype=torch.float64).index_add_(0, chosen.flatten(),
+                                                      torch.ones(T * topk, dtype=torch.float64))
+    return E * torch.sum(f / (T * topk) * logits.softmax(dim=-1).mean(dim=0))
+
+
+def _aux_calls(probes: list[dict], step: int, layer: int | None = None) -> list[dict]:
+    return [c for p in probes for c in p["calls"]
+            if c["step"] == step and (layer is None or c["layer"] == layer)]
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("case", [cases.mixtral_aux_ep2, cases.mixtral_aux_dp2],
+                         ids=lambda c: c.__name__)
+def test_mixtral_aux_loss_logged_and_added_as_defined(group, case):
+    """Tiny Mixtral SFT (packed; prompts and padding carry no loss) with the aux loss on, under
+    EP2 and DP2. From the router inputs captured in real training steps: the logged
+    ``moe_aux_loss`` is the mean over every microbatch of the global batch (both DP ranks) and
+    over layers of the per-microbatch loss (megatron-core's ``aux_loss`` type: f and P over the
+    microbatch's tokens on its rank), and what the step adds to the loss is coeff x that mean:
+    its gradient on the last layer's router weight (the step's gradient minus the same step's
+    with the aux loss off) is plain autograd's of coeff x mean."""
+    probes = group.ranks(case)
+    p0 = probes[0]
+    assert (p0["dp_size"], p0["ep_size"]) == ((2, 2) if case is cases.mixtral_aux_ep2 else (2, 1))
+    assert {p["dp_rank"] for p in probes} == {0, 1}
+    topk, E, layers, coeff = p0["topk"], p0["num_experts"], p0["num_layers"], p0["coeff"]
+    assert (topk, E, coeff) == (2, 8, 0.02)
+    records = {r["step"]: r for r in p0["records"]}
+    assert sorted(records) == [1, 2]
+    for step in (0, 1):
+        calls = _aux_calls(probes, step)
+        assert len(calls) == 2 * 2 * layers  # ranks x microbatches per rank x MoE layers
+        for c in calls:  # the hand logits are the router's: same top-k experts
+            logits = c["x"].reshape(-1, c["x"].shape[-1]).double() @ c["weight"].double().T
+            chosen = torch.zeros_like(c["routing_map"]).scatter(1, logits.topk(topk, -1).indices, True)
+            assert torch.equal(chosen, c["routing_map"])
+        by_hand = float(sum(hand_aux_loss(c, topk) for c in calls) / len(calls))
+        assert 1.0 <= by_hand < 1.5, by_hand  # 1 = perfectly balanced; E = all on one expert
+        logged = records[step + 1]["moe_aux_loss"]
+        assert logged == pytest.approx(by_hand, rel=1e-5), (step, logged, by_hand)
+    last = max(c["layer"] for c in p0["calls"])
+    calls = _aux_calls(probes, 0, last)
+    assert len(calls) == 2 * 2 and all(torch.equal(c["weight"], calls[0]["weight"]) for c in calls)
+    weight = calls[0]["weight"].double().requires_grad_()
+    mean = sum(hand_aux_loss(c, topk, weight) for c in calls) / len(calls)
+    (expected,) = torch.autograd.grad(coeff * mean, weight)
+    assert expected.norm() > 1e-3
+    loss_tokens = sum(m["loss_tokens"] for p in probes for m in p["microbatches"][0])
+    tokens = sum(m["tokens"] for p in probes for m in p["microbatches"][0])
+    assert loss_tokens < 0.5 * tokens  # SFT: most tokens carry no loss (would scale the aux loss)
+    for p in probes:
+        added = (p["grad_with"] - p["grad_without"]).double()
+        assert (added - expected).norm() <= 1e-4 * expected.norm(), (
+            float(added.norm() / expected.norm()))
+
+
+@pytest.mark.distributed
+def test_mixtral_aux_loss_equals_single_process(group, tmp_path):
+    """From the same initial weights on the same global batches, one process (4 microbatches)
+    logs the EP2 and DP2 runs' aux loss (2 microbatches per rank) and loss."""
+    ep2, dp2 = group[cases.mixtral_aux_ep2], group[cases.mixtral_aux_dp2]
+    run_dir = tmp_path / "dp1"
+    run_ok([PY, "-m", "clinmega.cli", "train", str(cases.SFT_RECIPE), f"run_dir={run_dir}",
+            *cases.MIXTRAL_AUX, f"checkpoint.load_weights={dp2['init']}"])
+    single = {r["step"]: r for r in read_metrics(run_dir)}
+    assert sorted(single) == [1, 2]
+    for layout in (ep2, dp2):
+        got = {r["step"]: r for r in layout["records"]}
+        for step in (1, 2):
+            for key in ("moe_aux_loss", "loss"):
+                assert got[step][key] == pytest.approx(single[step][key], rel=1e-5), (
+                    step, key, got[step][key], single[step][key])
 
 
 @pytest.mark.distributed

@@ -52,13 +52,13 @@ def _records(run_dir: Path) -> list[dict]:
     return read_metrics(run_dir)
 
 
-def initial_weights(path: Path) -> Path:
-    """The tiny recipe's freshly initialised weights (single-stage layout) as a dist checkpoint."""
+def initial_weights(path: Path, recipe: Path = CPT_RECIPE, *overrides: str) -> Path:
+    """The recipe's freshly initialised weights (single-stage layout, no EP) as a dist checkpoint."""
     from clinmega.models import build_model
     from clinmega.models.dist_ckpt import save_model_weights
     from clinmega.runtime import initialize
 
-    cfg = experiment(CPT_RECIPE, path)
+    cfg = experiment(recipe, path, *overrides)
     initialize(cfg.parallel, cfg.runtime)
     save_model_weights(build_model(cfg.model, cfg.parallel, cfg.precision, cfg.runtime), path)
     return path
@@ -170,6 +170,107 @@ def mixtral_ep2(tmp: Path) -> list[dict]:
     """Tiny Mixtral SFT (packed) with EP2."""
     return run(SFT_RECIPE, tmp, "model.preset=tiny-mixtral", "parallel.expert_parallel=2",
                "train.steps=4", "logging.tensorboard=false")["records"]
+
+
+class RouterTrace:
+    """Forward hooks on every router (``TopKRouter``) of the model, registered on the first
+    training ``forward_backward``: per router call of a training forward, its layer, its input
+    ``x`` [S, b, h], its weight and its routing map (the top-k experts of each token). The
+    first step's ``forward_backward`` also runs once with the aux loss switched off (same
+    weights, same microbatches), to measure what the aux loss adds to the last layer's router
+    weight gradient (plain DDP: every rank holds the full reduced gradient)."""
+
+    def __init__(self):
+        self.calls: list[dict] = []
+        self.microbatches: list[list[dict]] = []  # per step: T (tokens) and loss tokens per mb
+        self.routers: list = []
+        self.grad_without = self.grad_with = None
+        self.active = False
+
+    def _hook(self, router, args, out):
+        if self.active and router.training and torch.is_grad_enabled():
+            self.calls.append(dict(step=len(self.microbatches) - 1, layer=router.layer_number,
+                                   x=args[0].detach().clone(), weight=router.weight.detach().clone(),
+                                   routing_map=out[1].detach().clone()))
+
+    def _last_router_grad(self) -> torch.Tensor:
+        last = max(self.routers, key=lambda r: r.layer_number)
+        return last.weight.main_grad.detach().clone()
+
+    def __enter__(self):
+        from clinmega.training import loop
+
+        self.loop, self.real = loop, loop.forward_backward
+
+        def traced(model, microbatches, forward_only=False):
+            if forward_only:
+                return self.real(model, microbatches, forward_only)
+            if not self.routers:
+                from megatron.core.transformer.moe.router import TopKRouter
+
+                self.routers = [m for chunk in model for m in chunk.modules()
+                                if isinstance(m, TopKRouter)]
+                for router in self.routers:
+                    router.register_forward_hook(self._hook)
+            self.microbatches.append([dict(tokens=mb["tokens"].numel(),
+                                           loss_tokens=float(mb["loss_mask"].sum()))
+                                      for mb in microbatches])
+            if self.grad_without is None:
+                coeff = self.routers[0].config.moe_aux_loss_coeff
+                for router in self.routers:
+                    router.config.moe_aux_loss_coeff = 0.0
+                self.real(model, microbatches)
+                for router in self.routers:
+                    router.config.moe_aux_loss_coeff = coeff
+                self.grad_without = self._last_router_grad()
+            self.active = True
+            try:
+                value = self.real(model, microbatches)
+            finally:
+                self.active = False
+            if self.grad_with is None:
+                self.grad_with = self._last_router_grad()
+            return value
+
+        loop.forward_backward = traced
+        return self
+
+    def __exit__(self, *exc):
+        self.loop.forward_backward = self.real
+
+
+def mixtral_aux(tmp: Path, *parallel: str) -> dict:
+    """Tiny Mixtral SFT (packed), aux loss on, 2 steps with plain DDP, routers traced; started
+    from the same initial weights in every layout (``initial_weights``)."""
+    from megatron.core import parallel_state as ps
+
+    init = initial_weights(tmp / "init", SFT_RECIPE, "model.preset=tiny-mixtral")
+    with RouterTrace() as trace:
+        out = run(SFT_RECIPE, tmp / "run", *MIXTRAL_AUX, *parallel, f"checkpoint.load_weights={init}")
+    router = trace.routers[0]
+    return dict(records=out["records"], calls=trace.calls, microbatches=trace.microbatches,
+                grad_with=trace.grad_with, grad_without=trace.grad_without,
+                coeff=router.config.moe_aux_loss_coeff, topk=router.topk,
+                num_experts=router.config.num_moe_experts, num_layers=router.config.num_layers,
+                dp_rank=ps.get_data_parallel_rank(), dp_size=ps.get_data_parallel_world_size(),
+                ep_size=ps.get_expert_model_parallel_world_size(), init=str(init))
+
+
+# The aux-loss runs' recipe overrides (also the single-process run in test_training.py).
+MIXTRAL_AUX = ["model.preset=tiny-mixtral", "train.steps=2", "train.warmup_steps=0",
+               "train.neftune_alpha=null",
+               "train.use_distributed_optimizer=false", "checkpoint.resume=false",
+               "logging.tensorboard=false"]
+
+
+@TABLE.case
+def mixtral_aux_ep2(tmp: Path) -> dict:
+    return mixtral_aux(tmp, "parallel.expert_parallel=2")
+
+
+@TABLE.case
+def mixtral_aux_dp2(tmp: Path) -> dict:
+    return mixtral_aux(tmp)
 
 
 def nan_run(tmp: Path, policy: str) -> dict:

@@ -85,8 +85,9 @@ class Trainer:
         for chunk in self.model:
             chunk.train()
         self.optimizer.zero_grad()
-        loss = forward_backward(self.model, self.microbatches(step))
-        aux = moe_aux_loss(self.cfg, len(self.model))
+        microbatches = self.microbatches(step)
+        loss = forward_backward(self.model, microbatches)
+        aux = moe_aux_loss(self.cfg, len(microbatches))
         if not math.isfinite(loss):
             if self.cfg.train.nan_policy == "stop":
                 raise NonFiniteLossError(
@@ -114,7 +115,7 @@ class Trainer:
                 losses.append(forward_backward(self.model, mbs, forward_only=True))
         for chunk in self.model:
             chunk.train()
-        moe_aux_loss(self.cfg, len(self.model))  # drop the eval forward's router statistics
+        moe_aux_loss(self.cfg, 1)  # drop any router statistics of the eval forwards
         return sum(losses) / len(losses)
 
     def evaluate_benchmarks(self) -> dict[str, float]:
@@ -125,15 +126,20 @@ class Trainer:
         return metrics
 
 
-def moe_aux_loss(cfg: ExperimentConfig, num_chunks: int) -> float | None:
-    """Mean load-balancing loss of the step (unscaled by its coefficient), from megatron-core's
-    MoE metrics tracker, reduced over ranks; clears the tracker. None for dense models."""
+def moe_aux_loss(cfg: ExperimentConfig, num_microbatches: int) -> float | None:
+    """Mean load-balancing loss of the step (unscaled by its coefficient): megatron-core's MoE
+    metrics tracker holds, per layer, the sum of the per-microbatch losses of this rank's
+    ``num_microbatches`` microbatches; the report averages them over microbatches (as
+    Megatron-LM's ``loss_scale=1/num_microbatches``), data-parallel ranks and MoE layers, so the
+    value is the mean over the global batch's microbatches whatever the DP size. Clears the
+    tracker. None for dense models."""
     if not cfg.model.is_moe:
         return None
     from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
 
     totals: dict[str, torch.Tensor] = {}
-    get_moe_metrics_tracker().report(loss_scale=1.0, iteration=0, total_loss_dict=totals,
+    get_moe_metrics_tracker().report(loss_scale=1.0 / num_microbatches, iteration=0,
+                                     total_loss_dict=totals,
                                      force_initialize=True, track_names=["load_balancing_loss"],
                                      num_layers=cfg.model.num_layers)
     value = totals.get("load_balancing_loss")

@@ -156,6 +156,8 @@ def forward_backward(model: Sequence[torch.nn.Module], microbatches: Sequence[di
         for chunk in model:
             if hasattr(chunk, "zero_grad_buffer"):
                 chunk.zero_grad_buffer()
+    if not forward_only:
+        set_aux_loss_scale(model, microbatches)
     vpp = len(model)
     iterators: Iterable = ([iter(microbatches) for _ in range(vpp)] if vpp > 1
                            else iter(microbatches))
@@ -164,6 +166,33 @@ def forward_backward(model: Sequence[torch.nn.Module], microbatches: Sequence[di
         num_microbatches=len(microbatches), seq_length=seq_length, micro_batch_size=mbs,
         forward_only=forward_only)
     return reduce_loss(losses)
+
+
+def set_aux_loss_scale(model: Sequence[torch.nn.Module], microbatches: Sequence[dict]) -> None:
+    """Weight the MoE load-balancing loss as coeff x (its mean over the global batch's
+    microbatches), its definition, also when not every token is a loss token.
+
+    With ``calculate_per_token_loss`` megatron-core's router adds each microbatch's aux loss
+    times its token count and ``finalize_model_grads`` divides every gradient by the global
+    *loss*-token count, which gives the mean only when all tokens carry loss (pretraining);
+    with SFT masks (prompts, padding) the aux loss would weigh tokens/loss-tokens times more.
+    The MoE loss scale (``moe_grad_scale_func``; times the optimizer's loss scale, as the
+    default) is therefore loss-tokens / tokens over the global batch."""
+    config = unwrap(model[0]).config
+    if not getattr(config, "num_moe_experts", None) or not config.calculate_per_token_loss:
+        return
+    counts = torch.tensor([sum(float(mb["loss_mask"].sum()) for mb in microbatches),
+                           sum(mb["loss_mask"].numel() for mb in microbatches)],
+                          dtype=torch.float64, device=device())
+    if ps.get_data_parallel_world_size() > 1:
+        dist.all_reduce(counts, group=ps.get_data_parallel_group())
+    ratio = float(counts[0].clamp(min=1) / counts[1])  # finalize_model_grads clamps to 1 too
+
+    def moe_grad_scale(grad_scale=config.grad_scale_func):
+        return ratio * (grad_scale(torch.ones(1, device=device())) if grad_scale else 1.0)
+
+    for chunk in model:
+        unwrap(chunk).config.moe_grad_scale_func = moe_grad_scale
 
 
 def reduce_loss(losses: list[dict], key: str = "lm loss") -> float:
