@@ -2,7 +2,8 @@
 
 The same layout and metadata llama.cpp's own ``convert_hf_to_gguf.py`` writes for ``MistralForCausalLM``
 (architecture ``llama``; q/k rows permuted from HF's rotate-half RoPE order to GGML's interleaved order;
-the SentencePiece vocabulary with scores and token types), reduced to what the tiny model uses.
+the SentencePiece vocabulary with scores and token types, and ``add_space_prefix`` as the HF tokenizer
+behaves), reduced to what the tiny model uses.
 """
 
 from __future__ import annotations
@@ -72,6 +73,11 @@ def write_gguf(hf_dir: Path, out: Path) -> Path:
     writer.add_unk_token_id(sp.unk_id())
     writer.add_add_bos_token(True)
     writer.add_add_eos_token(False)
+    # what the HF folder's tokenizer does, as convert_hf_to_gguf.py writes a tokenizer_config's add_prefix_space:
+    # transformers 5 loads this Mistral tokenizer without SentencePiece's dummy "▁" before the first word
+    from transformers import AutoTokenizer
+
+    writer.add_add_space_prefix(AutoTokenizer.from_pretrained(str(hf_dir)).tokenize("a")[0].startswith("\u2581"))
 
     for i in range(cfg["num_hidden_layers"]):
         for hf_name, name in TENSORS.items():
