@@ -5,6 +5,14 @@ Example::
     clinmega eval runs/export-hf --backend hf --benchmarks medqa_4options,medmcqa,pubmedqa,mmlu_clinical \\
         --data-dir data/benchmarks --strategies zero_shot,few_shot,cot,medprompt --out runs/eval
 
+A model on an OpenAI-compatible server (vLLM, SGLang, TGI, TensorRT-LLM, llama.cpp, ``transformers serve``)::
+
+    clinmega eval --backend openai --endpoint http://localhost:8000/v1 --model mistral-7b \
+        --tokenizer runs/export-hf --strategies cot,self_consistency --out runs/eval-served
+
+(generation strategies need only chat/completions or completions; log-likelihood strategies need a server
+that echoes prompt log-probabilities, see `clinmega.evaluation.backends.openai_compat`).
+
 Without ``--data-dir`` the shipped SYNTHETIC set is used (tests, demo). ``--limit`` takes the first N
 items of each benchmark. Each finished benchmark/strategy is saved under ``OUT/parts/`` and reused by a
 rerun with the same model, items and settings (``--no-resume`` recomputes), so an interrupted evaluation
@@ -19,26 +27,61 @@ import json
 import re
 import sys
 import time
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from clinmega.config.keys import OVERRIDE, Alias, add_config_arguments, config_from_args
+from clinmega.config.schema import _choice
 from clinmega.evaluation.benchmarks import expand_benchmark_names, load_benchmark
 from clinmega.evaluation.strategies import PRESETS, PROMPT_FORMATS, Strategy, parse_strategy
+
+
+@dataclass
+class ServedConfig:
+    """``--backend openai``: the server and the request policy (`clinmega.evaluation.backends.openai_compat`)."""
+
+    endpoint: str = ""  # base URL: http://host:port (then /v1 is added) or the full .../v1
+    model: str = ""  # the model name the server serves
+    api: str = "completions"  # generation route: completions (the prompt as is) or chat (one user message)
+    concurrency: int = 8  # requests in flight
+    timeout: float = 300.0  # seconds per request attempt
+    retries: int = 5  # retries of a connection error, timeout, 408/409/429/5xx
+    backoff: float = 1.0  # first retry delay in seconds, doubled per retry
+    api_key_env: str = "OPENAI_API_KEY"  # environment variable holding the bearer token (unset: none sent)
+
+    def __post_init__(self) -> None:
+        _choice("served", "api", self.api, ("completions", "chat"))
+
+
+@dataclass
+class EvalKeys:
+    served: ServedConfig = field(default_factory=ServedConfig)
+
+
+EVAL_ALIASES = (
+    Alias("--endpoint", "served.endpoint", str, "openai: server base URL"),
+    Alias("--model", "served.model", str, "openai: served model name"),
+    Alias("--concurrency", "served.concurrency", int, "openai: requests in flight"),
+    Alias("--request-timeout", "served.timeout", float, "openai: seconds per request attempt"),
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = subparsers.add_parser("eval", help="evaluate a model on medical benchmarks with prompt strategies",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model_dir", type=Path,
+    p.add_argument("model_dir", type=Path, nargs="?", default=None,
                    help="HF model folder (--backend hf), or a Megatron checkpoint, checkpoint root or train run "
-                        "directory (megatron: its newest complete checkpoint)")
-    p.add_argument("--backend", choices=("auto", "hf", "megatron"), default="auto",
-                   help="auto: megatron when model_dir holds a megatron-core checkpoint, else hf")
+                        "directory (megatron: its newest complete checkpoint); none with --backend openai")
+    p.add_argument("--backend", choices=("auto", "hf", "megatron", "openai"), default="auto",
+                   help="auto: megatron when model_dir holds a megatron-core checkpoint, else hf; openai: a model "
+                        "on an OpenAI-compatible server (--endpoint, --model, served.* keys)")
     p.add_argument("--model-config", type=Path, default=None,
                    help="megatron: HF config.json (or its folder) describing the checkpoint "
                         "(default: the model the checkpoint records)")
     p.add_argument("--tokenizer", type=Path, default=None,
-                   help="megatron: tokenizer folder for AutoTokenizer (default: the checkpoint's hf_assets)")
+                   help="megatron: tokenizer folder for AutoTokenizer (default: the checkpoint's hf_assets); "
+                        "openai: the served model's tokenizer, to split log-likelihood prompts exactly as lm-eval "
+                        "(default: split at the context's end by the server's text offsets)")
     p.add_argument("--tensor-parallel", "--tp", type=int, default=1,
                    help="megatron: tensor-parallel ranks (launch one process per rank, e.g. torchrun); "
                         "= parallel.tensor_parallel")
@@ -80,6 +123,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for the 95%% CI")
     p.add_argument("--no-resume", action="store_true",
                    help="recompute every benchmark/strategy even when OUT/parts/ holds a finished one")
+    add_config_arguments(p, EvalKeys, EVAL_ALIASES)
     p.set_defaults(func=run)
     return p
 
@@ -96,6 +140,10 @@ def _dtype(text: str) -> str:
 def build_backend(args: argparse.Namespace):
     import torch
 
+    if args.backend == "openai":
+        from clinmega.evaluation.backends.openai_compat import OpenAIBackend
+
+        return OpenAIBackend.from_keys(args.served, args.tokenizer)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.backend == "hf":
         from clinmega.evaluation.backends.hf import HFBackend
@@ -118,6 +166,13 @@ def resolve_model(backend: str, model_dir: Path) -> tuple[str, Path]:
     ``auto`` picks megatron when ``model_dir`` holds a megatron-core checkpoint, else hf."""
     from clinmega.checkpoints import CheckpointError, resolve_checkpoint
 
+    if backend == "openai":
+        if model_dir is not None:
+            raise ValueError(f"model_dir {model_dir} is not used with --backend openai (the server holds the model; "
+                             "--tokenizer names a local tokenizer)")
+        return backend, None
+    if model_dir is None:
+        raise ValueError("model_dir is required (except with --backend openai)")
     if backend == "hf":
         return backend, model_dir
     try:
@@ -164,9 +219,12 @@ class ProgressPrinter:
 def part_key(args: argparse.Namespace, strategy: Strategy, test, train) -> str:
     """Identity of one benchmark/strategy run: model (path and files' sizes/times), backend, precision,
     strategy and the exact items."""
-    model = Path(args.model_dir).resolve()
-    files = sorted((str(p.relative_to(model)), p.stat().st_size, p.stat().st_mtime_ns)
-                   for p in model.rglob("*") if p.is_file()) if model.is_dir() else []
+    if args.backend == "openai":  # the server's model is known by its name only
+        model, files = f"{args.served.model} at {args.served.endpoint} ({args.served.api})", []
+    else:
+        model = Path(args.model_dir).resolve()
+        files = sorted((str(p.relative_to(model)), p.stat().st_size, p.stat().st_mtime_ns)
+                       for p in model.rglob("*") if p.is_file()) if model.is_dir() else []
     ident = {"model": str(model), "files": files, "backend": args.backend, "dtype": args.dtype,
              "model_config": str(args.model_config), "tokenizer": str(args.tokenizer),
              "strategy": strategy.__dict__, "test": [repr(i) for i in test], "train": [repr(i) for i in train]}
@@ -192,8 +250,11 @@ def run(args: argparse.Namespace) -> int:
 
     writer = detect_world().rank == 0  # multi-rank Megatron runs: every rank computes, rank 0 writes
     say = print if writer else (lambda *a, **k: None)
+    if args.model_dir is not None and OVERRIDE.match(str(args.model_dir)):  # the optional positional took a key=value
+        args.overrides, args.model_dir = [str(args.model_dir), *args.overrides], None
     try:  # everything the user supplied is checked before a model loads
         args.backend, args.model_dir = resolve_model(args.backend, args.model_dir)
+        args.served = config_from_args(args).served
         benchmarks = expand_benchmark_names([b.strip() for b in args.benchmarks.split(",") if b.strip()])
         strategies = strategies_from(args)
         data = {}
@@ -215,6 +276,8 @@ def run(args: argparse.Namespace) -> int:
             if cached is None:
                 if backend is None:
                     backend = build_backend(args)
+                    if args.backend == "openai" and any(s.scoring == "loglikelihood" for s in strategies):
+                        backend.check_loglikelihood()  # before hours of generation, not after
                     backend.progress = ProgressPrinter() if writer else None
                 start = time.perf_counter()
                 log = lambda m, name=name: say(f"[{name}] {m}", flush=True)  # noqa: E731
@@ -227,7 +290,8 @@ def run(args: argparse.Namespace) -> int:
             timings[f"{name}/{strategy.name}"] = round(cached[1], 3)
     if not writer:
         return 0
-    meta = {"model": str(args.model_dir), "backend": args.backend, "data_dir": str(args.data_dir or "synthetic"),
+    model = f"{args.served.model} at {args.served.endpoint}" if args.backend == "openai" else str(args.model_dir)
+    meta = {"model": model, "backend": args.backend, "data_dir": str(args.data_dir or "synthetic"),
             "benchmarks": benchmarks, "strategies": [{**s.__dict__, "format": s.format} for s in strategies],
             "seconds": timings}
     paths = write_report(args.out, results, meta, n_resamples=args.bootstrap, seed=args.seed)

@@ -71,6 +71,23 @@ def continuation_logprobs(logits: torch.Tensor, batch: ScoreBatch) -> list[list[
     return out
 
 
+def move_trailing_space(context: str, continuation: str) -> tuple[str, str]:
+    """lm-eval's rule: trailing whitespace of the context belongs to the continuation."""
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        return context[:-n_spaces], context[-n_spaces:] + continuation
+    return context, continuation
+
+
+def encode_pair(encode: Callable[[str], list[int]], context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """(context ids, continuation ids) as lm-eval splits them: ``encode(context + continuation)`` cut at
+    ``len(encode(context))``, after `move_trailing_space`."""
+    context, continuation = move_trailing_space(context, continuation)
+    whole = encode(context + continuation)
+    context_ids = encode(context)
+    return whole[: len(context_ids)], whole[len(context_ids):]
+
+
 class TokenBackend(ABC):
     """Batching, tokenisation, scoring and the decoding loop; subclasses provide model forwards."""
 
@@ -102,12 +119,7 @@ class TokenBackend(ABC):
         return self.tokenizer.encode(text)
 
     def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
-        n_spaces = len(context) - len(context.rstrip())
-        if n_spaces:
-            context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
-        whole = self.encode(context + continuation)
-        context_ids = self.encode(context)
-        return whole[: len(context_ids)], whole[len(context_ids):]
+        return encode_pair(self.encode, context, continuation)
 
     @torch.no_grad()
     def loglikelihood(self, requests: Sequence[tuple[str, str]]) -> list[float]:
@@ -190,12 +202,12 @@ class TokenBackend(ABC):
             if all(done):
                 break
             logits, state = self._decode(state, tokens)
-        return [_cut_at_stop(self._decode_text(g), stop) for g in generated]
+        return [cut_at_stop(self._decode_text(g), stop) for g in generated]
 
     def _decode_text(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
 
-def _cut_at_stop(text: str, stop: Sequence[str]) -> str:
+def cut_at_stop(text: str, stop: Sequence[str]) -> str:
     cuts = [text.index(s) for s in stop if s in text]
     return text[: min(cuts)] if cuts else text
