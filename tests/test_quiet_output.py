@@ -42,6 +42,27 @@ def test_library_warnings_counted_ours_printed(capsys):
     assert [str(w.message) for w in shown] == ["shown when verbose"]
 
 
+def test_torch_warning_through_cpu_compat_mode_is_a_library_warning(capsys):
+    """torch warns with the stack level of its caller; under cpu_compat's TorchFunctionMode that caller
+    is the mode's pass-through line in clinmega/runtime/cpu_compat.py, yet the warning is torch's."""
+    import torch
+
+    from clinmega.runtime.cpu_compat import CudaToCpuMode
+
+    ours = str(Path(clinmega.__file__).parent / "runtime" / "local_group.py")
+    with warnings.catch_warnings(record=True) as shown, library_warnings() as log:
+        warnings.simplefilter("always")
+        non_leaf = torch.ones(2, requires_grad=True) * 2
+        with CudaToCpuMode():
+            assert non_leaf.grad is None  # torch: "The .grad attribute of a Tensor that is not a leaf ..."
+        warnings.warn_explicit("clinmega's own warning", UserWarning, ours, 7)
+        recorded = log.read_text()
+        assert "not a leaf" in recorded and "cpu_compat.py:" in recorded  # torch's, attributed to our line
+    assert [str(w.message) for w in shown] == ["clinmega's own warning"]
+    err = capsys.readouterr().err
+    assert "not a leaf" not in err and err.rstrip().endswith("1 library warning; --verbose to show")
+
+
 def test_info_stderr_has_no_library_warning_lines_unless_verbose():
     """`clinmega info` imports torch and megatron-core's optimizer/DDP modules, which warn about the
     missing TE/apex kernels (and torch about CUDA_HOME): a real command with real library warnings."""

@@ -31,10 +31,16 @@ LOG_ENV = "CLINMEGA_LIBRARY_WARNINGS"  # path of the log file, set while quiet
 VERBOSE_ENV = "CLINMEGA_VERBOSE"       # "1": print library warnings (inherited by workers)
 QUIET_ENV_DEFAULTS = {"TORCH_CPP_LOG_LEVEL": "ERROR", "TRANSFORMERS_VERBOSITY": "error"}
 _PACKAGE_DIR = str(Path(__file__).resolve().parents[1])
+# clinmega files whose frames only pass a library call through: a warning attributed to them was
+# raised inside the library. cpu_compat's TorchFunctionMode calls every torch function of
+# megatron-core's CPU path (``return func(*args, **kwargs)``), so torch's FutureWarnings/UserWarnings
+# name that line; cpu_compat raises no Python warning of its own (it only logs).
+PASS_THROUGH_FILES = (os.path.join(_PACKAGE_DIR, "runtime", "cpu_compat.py"),)
 
 
 def _ours(filename: str) -> bool:
-    return os.path.abspath(filename).startswith(_PACKAGE_DIR + os.sep)
+    path = os.path.abspath(filename)
+    return path.startswith(_PACKAGE_DIR + os.sep) and path not in PASS_THROUGH_FILES
 
 
 def _record(log: str, line: str) -> None:
