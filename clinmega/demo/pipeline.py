@@ -40,6 +40,14 @@ class DemoOptions:
     seed: int = 1234
 
 
+class StageFailed(RuntimeError):
+    """A stage's command failed; ``clinmega demo`` exits with its exit code (clinmega.cli.run_verb)."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 class Stage:
     """Runs the pipeline's commands, timing each, stopping at the first failure."""
 
@@ -60,7 +68,7 @@ class Stage:
         result = subprocess.run(cmd, env=env)
         self.timings.append((title, time.monotonic() - start))
         if result.returncode != 0:
-            raise SystemExit(f"demo: stage '{title}' failed (exit {result.returncode}): {shown}")
+            raise StageFailed(f"stage '{title}' failed (exit {result.returncode}): {shown}", result.returncode)
 
 
 def _write_recipe(path: Path, recipe: dict) -> Path:

@@ -17,13 +17,38 @@ import argparse
 import hashlib
 import json
 import re
-import sys
 import time
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from clinmega.config.keys import Alias, add_config_arguments, config_from_args, dtype_arg
+from clinmega.config.schema import AutoPrecision
 from clinmega.evaluation.benchmarks import expand_benchmark_names, load_benchmark
 from clinmega.evaluation.strategies import PRESETS, PROMPT_FORMATS, Strategy, parse_strategy
+
+
+@dataclass
+class EvalParallel:
+    tensor_parallel: int = 1  # megatron backend: ranks, one process each (torchrun)
+    expert_parallel: int = 1  # megatron backend, Mixtral
+
+
+@dataclass
+class EvalKeys:
+    """``eval``'s keys (the same names as the recipes'); the other options are flags of this verb."""
+
+    parallel: EvalParallel = field(default_factory=EvalParallel)
+    precision: AutoPrecision = field(default_factory=AutoPrecision)  # None: bf16 on CUDA, fp32 on CPU
+
+
+EVAL_ALIASES = (
+    Alias(("--tp", "--tensor-parallel"), "parallel.tensor_parallel", int,
+          "megatron: tensor-parallel ranks (launch one process per rank, e.g. torchrun)"),
+    Alias(("--ep", "--expert-parallel"), "parallel.expert_parallel", int, "megatron: expert-parallel ranks (Mixtral)"),
+    Alias("--dtype", "precision.dtype", dtype_arg,
+          "fp32|bf16|fp16 (default: bf16 on CUDA, where fp32 forces Transformer Engine's unfused attention; "
+          "fp32 on CPU)"),
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -39,11 +64,6 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         "(default: the model the checkpoint records)")
     p.add_argument("--tokenizer", type=Path, default=None,
                    help="megatron: tokenizer folder for AutoTokenizer (default: the checkpoint's hf_assets)")
-    p.add_argument("--tensor-parallel", "--tp", type=int, default=1,
-                   help="megatron: tensor-parallel ranks (launch one process per rank, e.g. torchrun); "
-                        "= parallel.tensor_parallel")
-    p.add_argument("--expert-parallel", "--ep", type=int, default=1,
-                   help="megatron: expert-parallel ranks (Mixtral); = parallel.expert_parallel")
     p.add_argument("--benchmarks", default="medqa_4options,medmcqa,pubmedqa,mmlu_clinical",
                    help="comma-separated benchmark names or groups (mmlu_clinical)")
     p.add_argument("--data-dir", type=Path, default=None,
@@ -62,27 +82,23 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=None)
     p.add_argument("--seed", type=int, default=1234, help="exemplar/permutation/sampling/bootstrap seed")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--dtype", default=None, type=_dtype, metavar="{fp32,bf16,fp16}",
-                   help="= precision.dtype (float32/bfloat16/float16 are accepted as the same values); "
-                        "default: bf16 on CUDA (fp32 forces Transformer Engine's unfused attention), "
-                        "fp32 on CPU")
     p.add_argument("--device", default=None, help="hf backend: cpu or cuda (default: cuda when available)")
     p.add_argument("--medmcqa-cop-base", type=int, choices=(0, 1), default=None,
                    help="MedMCQA 'cop' base when a file cannot tell (0: HF export, 1: GitHub release)")
     p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for the 95%% CI")
     p.add_argument("--no-resume", action="store_true",
                    help="recompute every benchmark/strategy even when OUT/parts/ holds a finished one")
+    add_config_arguments(p, EvalKeys, EVAL_ALIASES)
     p.set_defaults(func=run)
     return p
 
 
-def _dtype(text: str) -> str:
-    from clinmega.config.schema import dtype_name
-
-    try:
-        return dtype_name(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
+def apply_keys(args: argparse.Namespace) -> None:
+    """The keys (``--config``, aliases, ``key=value``) onto the attributes the backends read."""
+    keys = config_from_args(args)
+    args.tensor_parallel = keys.parallel.tensor_parallel
+    args.expert_parallel = keys.parallel.expert_parallel
+    args.dtype = keys.precision.dtype or default_dtype()
 
 
 def build_backend(args: argparse.Namespace):
@@ -177,23 +193,21 @@ def run(args: argparse.Namespace) -> int:
     from clinmega.evaluation.scoring import run_strategy
     from clinmega.runtime import detect_world
 
-    args.dtype = args.dtype or default_dtype()
+    apply_keys(args)
 
     writer = detect_world().rank == 0  # multi-rank Megatron runs: every rank computes, rank 0 writes
     say = print if writer else (lambda *a, **k: None)
-    try:  # everything the user supplied is checked before a model loads
-        args.backend, args.model_dir = resolve_model(args.backend, args.model_dir)
-        benchmarks = expand_benchmark_names([b.strip() for b in args.benchmarks.split(",") if b.strip()])
-        strategies = strategies_from(args)
-        data = {}
-        for name in benchmarks:
-            test = load_benchmark(name, args.data_dir, "test", cop_base=args.medmcqa_cop_base)[: args.limit]
-            needs_train = any(s.shots for s in strategies)
-            train = load_benchmark(name, args.data_dir, "train", cop_base=args.medmcqa_cop_base) if needs_train else []
-            data[name] = (test, train)
-    except (ValueError, FileNotFoundError) as err:  # BenchmarkFormatError lists every bad record
-        print(f"clinmega eval: {err}", file=sys.stderr)
-        return 2
+    # everything the user supplied is checked before a model loads (a bad benchmark file: one
+    # BenchmarkFormatError listing every bad record; clinmega.cli reports it and exits 2)
+    args.backend, args.model_dir = resolve_model(args.backend, args.model_dir)
+    benchmarks = expand_benchmark_names([b.strip() for b in args.benchmarks.split(",") if b.strip()])
+    strategies = strategies_from(args)
+    data = {}
+    for name in benchmarks:
+        test = load_benchmark(name, args.data_dir, "test", cop_base=args.medmcqa_cop_base)[: args.limit]
+        needs_train = any(s.shots for s in strategies)
+        train = load_benchmark(name, args.data_dir, "train", cop_base=args.medmcqa_cop_base) if needs_train else []
+        data[name] = (test, train)
     backend = None
     results, timings = [], {}
     for name, (test, train) in data.items():
