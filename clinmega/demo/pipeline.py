@@ -16,6 +16,7 @@ test of the machinery, not clinical results.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -99,8 +100,9 @@ class Stage:
         columns = [TextColumn("  {task.description}"), BarColumn(), TimeElapsedColumn()]
         if progress is not None:
             columns.insert(2, MofNCompleteColumn())
-        with open(log_path, "w") as stdout, Bar(*columns, console=console, transient=True) as bar:
-            task = bar.add_task(args[0], total=None)
+        bar = Bar(*columns, console=console, transient=True) if console.is_terminal else None  # no bar in a log
+        with open(log_path, "w") as stdout, bar or contextlib.nullcontext():
+            task = bar.add_task(args[0], total=None) if bar is not None else None
             proc = subprocess.Popen([sys.executable, "-m", "clinmega.cli", *args], env=env, stdout=stdout,
                                     stderr=subprocess.PIPE, text=True, errors="replace")
             relay = threading.Thread(target=quiet.relay_stderr, daemon=True, args=(
@@ -108,7 +110,7 @@ class Stage:
                                                         emoji=False)))
             relay.start()
             while proc.poll() is None:
-                if progress is not None:
+                if bar is not None and progress is not None:
                     done, total = progress()
                     bar.update(task, completed=done, total=total)
                 time.sleep(0.3)
@@ -217,6 +219,8 @@ def run_demo(opts: DemoOptions) -> dict:
     from clinmega.evaluation.benchmarks import SYNTHETIC_DIR
     from clinmega.evaluation.synthetic_data import synthetic_files
     from clinmega.models import get_preset
+    from transformers.utils import logging as hf_logging
+
     from clinmega.demo.hf_checkpoint import save_random_hf_checkpoint
 
     out = opts.out
@@ -229,7 +233,11 @@ def run_demo(opts: DemoOptions) -> dict:
     hf_base = out / "hf-base"
     title = f"a random-initialised HF checkpoint of {PRESET} with the real Mistral v1 tokenizer"
     stage.header(title)
-    save_random_hf_checkpoint(get_preset(PRESET), hf_base, seed=opts.seed)
+    hf_logging.disable_progress_bar()  # transformers' "Writing model shards" bar of a one-shard save
+    try:
+        save_random_hf_checkpoint(get_preset(PRESET), hf_base, seed=opts.seed)
+    finally:
+        hf_logging.enable_progress_bar()
     stage.result(title, time.monotonic() - started, f"{hf_base} (config.json, model.safetensors, tokenizer)")
 
     raw = out / "data" / "raw"
