@@ -19,6 +19,7 @@ LIBRARY_LINE = re.compile(r"site-packages|Warning:|warnings\.warn|return func\(|
                           r"Transformer Engine|ProcessGroupGloo|DistributedDataParallel|BlendedDataset|"
                           r"Loading weights")
 OURS = re.compile(r"^WARNING clinmega\.")  # clinmega's own warnings (here: the planted corrupt lines)
+TRAIN_START = re.compile(r"^training \S+ \((cpt|sft)\) from step 0 to 4; checkpoints in ")  # train's own line
 
 
 def test_demo_runs_every_stage_as_a_tutorial(tmp_path):
@@ -67,3 +68,5 @@ def test_demo_runs_every_stage_as_a_tutorial(tmp_path):
     assert [line for line in err if LIBRARY_LINE.search(line) or CPP_LOG_LINE.match(line)] == [], err
     assert sum(bool(OURS.match(line)) for line in err) == 3, err  # 2 + 1 planted corrupt lines
     assert re.fullmatch(r"\d+ library warnings; --verbose to show", err[-1]), err
+    assert sum(bool(TRAIN_START.match(line)) for line in err) == 2, err
+    assert len(err) == 3 + 2 + 1, err  # nothing else: no library line, no blank line, no library bar
