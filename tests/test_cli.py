@@ -77,4 +77,49 @@ def test_one_convention_keys_aliases_and_one_error_handler(tmp_path, capsys):
     with pytest.raises(FileNotFoundError, match="metrics.jsonl"):
         main(["plot", str(tmp_path), "--debug"])
     # one spelling per dtype: eval takes precision.dtype's names, old spellings map to them
-    assert parse_args(["eval", "m", "--out", "o", "--dtype", "bfloat16"]).dtype == "bf16"
+    assert config_from_args(parse_args(["eval", "m", "--out", "o", "--dtype", "bfloat16"])).precision.dtype == "bf16"
+
+
+def test_remaining_verbs_follow_the_convention(tmp_path, capsys):
+    """export-hf, eval, plan, models, demo: --config FILE, key=value words with the recipes' names, short
+    flags as aliases, keys listed in --help, unknown keys refused by name through the one handler."""
+    from clinmega.cli import parse_args
+    from clinmega.config.keys import config_from_args
+
+    verbs = build_parser()._subparsers._group_actions[0].choices
+    (tmp_path / "keys.yaml").write_text("precision: {dtype: fp16}\nparallel: {tensor_parallel: 4}\n")
+    args = parse_args(["eval", "m", "--out", "o", "--config", str(tmp_path / "keys.yaml"), "--tp", "2"])
+    keys = config_from_args(args)
+    assert (keys.parallel.tensor_parallel, keys.precision.dtype) == (2, "fp16")  # alias over --config
+    assert config_from_args(parse_args(["eval", "m", "--out", "o", "--tensor-parallel", "2",
+                                        "parallel.tensor_parallel=4"])).parallel.tensor_parallel == 4
+    assert "parallel.tensor_parallel = 1   (alias --tp/--tensor-parallel)" in verbs["eval"].format_help()
+    # export-hf: --config is the key file like everywhere; the HF config.json is --hf-config
+    args = parse_args(["export-hf", "ckpt", "out", "--hf-config", "cfg.json", "precision.dtype=bf16"])
+    assert args.hf_config == "cfg.json" and config_from_args(args).precision.dtype == "bf16"
+    assert "precision.dtype = None   (alias --dtype)" in verbs["export-hf"].format_help()
+    # plan: the recipes' key names; --fp8 sets precision.fp8
+    (tmp_path / "plan.yaml").write_text("model: {preset: mistral-7b-v0.1}\ncluster: {num_gpus: 16}\n")
+    keys = config_from_args(parse_args(["plan", "--config", str(tmp_path / "plan.yaml"), "--fp8", "--recompute",
+                                        "none", "train.global_batch_size=64"]))
+    assert (keys.model.preset, keys.cluster.num_gpus, keys.train.global_batch_size) == ("mistral-7b-v0.1", 16, 64)
+    assert keys.precision.fp8 == "hybrid" and keys.train.recompute_granularity is None
+    assert "cluster.num_gpus = 8   (alias --gpus)" in verbs["plan"].format_help()
+    # demo: its knobs are keys too
+    keys = config_from_args(parse_args(["demo", "--out", str(tmp_path / "d"), "demo.cpt_steps=3", "runtime.seed=7"]))
+    assert (keys.demo.out, keys.demo.cpt_steps, keys.runtime.seed) == (str(tmp_path / "d"), 3, 7)
+    assert "demo.sft_steps = 30   (alias --sft-steps)" in verbs["demo"].format_help()
+    # models: one preset by key; unknown keys and bad values: one line, exit 2
+    assert main(["models", "model.preset=tiny-mixtral"]) == 0
+    out = capsys.readouterr().out
+    assert "tiny-mixtral" in out and "mistral-7b-v0.1" not in out
+    for argv, expected in ((["models", "model.prest=x"], "Did you mean: 'preset'?"),
+                           (["plan", "--model", "mistral-7b-v0.1", "cluster.num_gpu=8"], "Did you mean: 'num_gpus'?"),
+                           (["demo", "demo.cpt_step=3"], "Did you mean one of: 'cpt_steps'"),
+                           (["export-hf", "c", "o", "precision.dtyp=bf16"], "Did you mean: 'dtype'?"),
+                           (["eval", "m", "--out", "o", "parallel.tensor_paralel=2"], "Did you mean"),
+                           (["plan"], "model.preset: required"),
+                           (["export-hf", "c", "o", "precision.dtype=float64"], "is not one of ['fp32', 'bf16', 'fp16']")):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"clinmega {argv[0]}: error: ") and expected in err[0], err

@@ -141,7 +141,8 @@ def test_chat_messages_field_is_checked_per_message(tmp_path):
 def test_release_layouts_pubmedqa_json_and_mmlu_csv_are_indexed(tmp_path):
     """Evaluation sets in their release layouts (PMID-keyed JSON, headerless CSV) are read by the
     evaluation loaders; a training document quoting one of their items is flagged."""
-    from clinmega.evaluation.benchmarks import SYNTHETIC_DIR, load_file
+    from clinmega.benchmark_files import load_file
+    from clinmega.evaluation.benchmarks import SYNTHETIC_DIR
 
     pubmed = SYNTHETIC_DIR / "pubmedqa" / "synthetic_pubmedqa_test.json"
     mmlu = sorted((SYNTHETIC_DIR / "mmlu").rglob("*test*.csv"))[0]

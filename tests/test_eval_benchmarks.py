@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from clinmega.evaluation.benchmarks import (BENCHMARKS, PUBMEDQA_OPTIONS, SYNTHETIC_DIR, BenchmarkFormatError,
-                                            expand_benchmark_names, load_benchmark, load_file)
+from clinmega.benchmark_files import PUBMEDQA_OPTIONS, BenchmarkFormatError, load_file
+from clinmega.evaluation.benchmarks import BENCHMARKS, SYNTHETIC_DIR, expand_benchmark_names, load_benchmark
 from clinmega.evaluation.synthetic_data import synthetic_files
 
 

@@ -7,7 +7,8 @@ import re
 import numpy as np
 import pytest
 
-from clinmega.evaluation.benchmarks import LETTERS, Item, load_benchmark
+from clinmega.benchmark_files import LETTERS, Item
+from clinmega.evaluation.benchmarks import load_benchmark
 from clinmega.evaluation.prompts import ANSWER_PHRASE, COT_INSTRUCTION, COT_TRIGGER, Exemplar, build_prompt
 from clinmega.evaluation.scoring import argmax_predictions, rationale_from, run_strategy
 from clinmega.evaluation.tfidf import TfidfIndex

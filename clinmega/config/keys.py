@@ -29,12 +29,31 @@ SCHEMA_ATTR = "config_schema"
 
 @dataclass(frozen=True)
 class Alias:
-    """A short flag that sets one key (``--tp 2`` = ``parallel.tensor_parallel=2``)."""
+    """A short flag that sets one key (``--tp 2`` = ``parallel.tensor_parallel=2``). ``flag`` may be a
+    tuple of spellings (``("--tp", "--tensor-parallel")``); ``type`` turns the word into the key's one
+    spelling (e.g. :func:`dtype_arg`); a flag with a ``const`` takes no value and sets the key to it
+    (``--fp8`` = ``precision.fp8=hybrid``)."""
 
-    flag: str
+    flag: str | tuple[str, ...]
     key: str
     type: Any = str
     help: str = ""
+    const: Any = None
+
+    @property
+    def flags(self) -> tuple[str, ...]:
+        return (self.flag,) if isinstance(self.flag, str) else tuple(self.flag)
+
+
+def dtype_arg(text: str) -> str:
+    """argparse type of a dtype alias: the one spelling (``fp32|bf16|fp16``; HF's ``float32`` etc. map
+    to it, :func:`clinmega.config.schema.dtype_name`)."""
+    from clinmega.config.schema import dtype_name
+
+    try:
+        return dtype_name(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def schema_keys(schema: type, prefix: str = "") -> Iterator[tuple[str, Any]]:
@@ -49,7 +68,7 @@ def schema_keys(schema: type, prefix: str = "") -> Iterator[tuple[str, Any]]:
 
 
 def keys_help(schema: type, aliases: tuple[Alias, ...] = ()) -> str:
-    alias_of = {a.key: a.flag for a in aliases}
+    alias_of = {a.key: "/".join(a.flags) + ("" if a.const is None else f" sets {a.const!r}") for a in aliases}
     lines = ["keys (set with --config FILE or section.key=value; default shown):"]
     for key, default in schema_keys(schema):
         alias = f"   (alias {alias_of[key]})" if key in alias_of else ""
@@ -62,8 +81,13 @@ def add_config_arguments(parser: argparse.ArgumentParser, schema: type, aliases:
     parser.add_argument("--config", type=Path, default=None, metavar="FILE",
                         help="YAML file with the keys below (section: {key: value})")
     for a in aliases:
-        parser.add_argument(a.flag, dest=f"alias.{a.key}", type=a.type, default=None,
-                            help=(a.help + " " if a.help else "") + f"(= {a.key})")
+        text = (a.help + " " if a.help else "") + f"(= {a.key}" + ("" if a.const is None else f"={a.const}") + ")"
+        if a.const is None:
+            parser.add_argument(*a.flags, dest=f"alias.{a.key}", type=a.type, default=None, help=text,
+                                metavar=a.key.rsplit(".", 1)[-1].upper())
+        else:
+            parser.add_argument(*a.flags, dest=f"alias.{a.key}", action="store_const", const=a.const,
+                                default=None, help=text)
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = "\n\n".join(filter(None, [parser.epilog, keys_help(schema, aliases)]))
     parser.set_defaults(**{SCHEMA_ATTR: schema, "overrides": []})

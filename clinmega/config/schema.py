@@ -173,6 +173,18 @@ class PrecisionConfig:
 
 
 @dataclass
+class AutoPrecision:
+    """``precision.dtype`` of a verb that picks it when unset (conversion: the source's; eval: bf16 on
+    CUDA, fp32 on CPU)."""
+
+    dtype: Optional[str] = None
+
+    def __post_init__(self):
+        if self.dtype is not None:
+            _choice("precision", "dtype", self.dtype, DTYPES)
+
+
+@dataclass
 class RuntimeConfig:
     """Process-group backend, device, layer implementation and seed."""
 

@@ -6,8 +6,8 @@ import argparse
 import re
 from dataclasses import dataclass, field, replace
 
-from clinmega.config.keys import Alias, add_config_arguments, config_from_args
-from clinmega.config.schema import DTYPES, TRANSFORMER_IMPLS, ParallelConfig, _choice
+from clinmega.config.keys import Alias, add_config_arguments, config_from_args, dtype_arg
+from clinmega.config.schema import DTYPES, TRANSFORMER_IMPLS, AutoPrecision, ParallelConfig, _choice
 
 
 @dataclass
@@ -25,6 +25,19 @@ class ImportKeys:
 
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     runtime: ImportRuntime = field(default_factory=ImportRuntime)
+    precision: AutoPrecision = field(default_factory=AutoPrecision)  # None: the source's
+
+
+@dataclass
+class ExportKeys:
+    """``export-hf``'s keys: the dtype to write (None: the checkpoint's)."""
+
+    precision: AutoPrecision = field(default_factory=AutoPrecision)
+
+
+DTYPE_ALIAS = Alias("--dtype", "precision.dtype", dtype_arg,
+                    f"dtype to write, one of {list(DTYPES)} (default: the source's); a cast that changes "
+                    "values is refused without --allow-downcast")
 
 
 IMPORT_ALIASES = (
@@ -34,6 +47,7 @@ IMPORT_ALIASES = (
     Alias("--ep", "parallel.expert_parallel", int, "expert parallel size"),
     Alias("--etp", "parallel.expert_tensor_parallel", int, "expert tensor parallel size (default: tensor_parallel)"),
     Alias("--transformer-impl", "runtime.transformer_impl", str, f"one of {list(TRANSFORMER_IMPLS)}"),
+    DTYPE_ALIAS,
 )
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*$", re.IGNORECASE)
@@ -51,9 +65,6 @@ def parse_size(text: str) -> int:
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dtype", choices=DTYPES, default=None,
-                        help="dtype to write (default: the source's); a cast that changes values "
-                             "is refused without --allow-downcast")
     parser.add_argument("--allow-downcast", action="store_true",
                         help="accept a narrowing cast that loses precision")
     parser.add_argument("--overwrite", action="store_true",
@@ -89,9 +100,9 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
                                          "folder (its newest complete checkpoint is exported)")
     parser.add_argument("out_dir", help="output HF model folder")
     model = parser.add_mutually_exclusive_group()
-    model.add_argument("--config", help="HF config.json (or its folder) of the architecture "
-                                        "(default: the one the checkpoint records)")
-    model.add_argument("--preset", help="clinmega model preset name instead of --config")
+    model.add_argument("--hf-config", help="HF config.json (or its folder) of the architecture "
+                                           "(default: the one the checkpoint records)")
+    model.add_argument("--preset", help="clinmega model preset name instead of --hf-config")
     parser.add_argument("--tokenizer", help="folder with tokenizer / generation_config files "
                                             "(default: the checkpoint's hf_assets)")
     parser.add_argument("--max-shard-size", type=parse_size, default=parse_size("5GB"),
@@ -101,6 +112,7 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
                              "(adapter_config.json + adapter_model.safetensors) for "
                              "peft.PeftModel.from_pretrained on the exported base model, instead "
                              "of the merged weights (the default for a LoRA run)")
+    add_config_arguments(parser, ExportKeys, (DTYPE_ALIAS,))
     _common(parser)
     parser.set_defaults(func=run_export)
 
@@ -121,7 +133,7 @@ def run_import(args: argparse.Namespace) -> int:
         keys = config_from_args(args)
         parallel = replace(keys.parallel, sequence_parallel=keys.parallel.sequence_parallel
                            or keys.parallel.tensor_parallel > 1)
-        return _report(import_hf(args.hf_dir, args.out_dir, parallel, args.dtype,
+        return _report(import_hf(args.hf_dir, args.out_dir, parallel, keys.precision.dtype,
                                  allow_downcast=args.allow_downcast,
                                  allow_pickle=args.allow_pickle, overwrite=args.overwrite,
                                  transformer_impl=keys.runtime.transformer_impl,
@@ -137,21 +149,21 @@ def run_export(args: argparse.Namespace) -> int:
     from clinmega.conversion.exporter import export_hf
     from clinmega.models import get_preset
 
+    keys = config_from_args(args)
     if args.adapter_only:
         from clinmega.conversion.lora_export import export_peft_adapter
 
-        given = [flag for flag, value in (("--config", args.config), ("--preset", args.preset),
+        given = [flag for flag, value in (("--hf-config", args.hf_config), ("--preset", args.preset),
                                           ("--tokenizer", args.tokenizer)) if value]
         if given:
             raise ConversionError(f"export-hf --adapter-only: {', '.join(given)} do not apply "
                                   "(the adapters' model is the one the run records)")
-        return _report(export_peft_adapter(args.ckpt_dir, args.out_dir, args.dtype,
+        return _report(export_peft_adapter(args.ckpt_dir, args.out_dir, keys.precision.dtype,
                                            allow_downcast=args.allow_downcast,
                                            overwrite=args.overwrite, progress=args.progress))
-
-    model = (hf_model_config(args.config) if args.config else
+    model = (hf_model_config(args.hf_config) if args.hf_config else
              get_preset(args.preset) if args.preset else None)
-    return _report(export_hf(args.ckpt_dir, args.out_dir, model, args.dtype,
+    return _report(export_hf(args.ckpt_dir, args.out_dir, model, keys.precision.dtype,
                              allow_downcast=args.allow_downcast, assets=args.tokenizer,
                              overwrite=args.overwrite, max_shard_bytes=args.max_shard_size,
                              progress=args.progress))

@@ -218,10 +218,10 @@ def _benchmark_records(path: Path) -> Iterator[tuple[int, dict[str, Any] | None]
 
     JSONL is read line by line with the configured ``eval_fields``; the other layouts the
     evaluation loaders accept (PubMedQA's PMID-keyed JSON, MMLU's headerless CSV) are read by
-    :func:`clinmega.evaluation.benchmarks.load_file` and indexed by question, options and context.
+    :func:`clinmega.benchmark_files.load_file` and indexed by question, options and context.
     """
     if path.suffix.lower() in (".json", ".csv"):
-        from clinmega.evaluation.benchmarks import load_file
+        from clinmega.benchmark_files import load_file
 
         for position, item in enumerate(load_file(path), start=1):
             yield position, {"question": item.question, "options": list(item.options),

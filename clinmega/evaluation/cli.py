@@ -25,13 +25,13 @@ import argparse
 import hashlib
 import json
 import re
-import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Optional
 
-from clinmega.config.keys import OVERRIDE, Alias, add_config_arguments, config_from_args
-from clinmega.config.schema import _choice
+from clinmega.config.keys import OVERRIDE, Alias, add_config_arguments, config_from_args, dtype_arg
+from clinmega.config.schema import AutoPrecision, _choice
 from clinmega.evaluation.benchmarks import expand_benchmark_names, load_benchmark
 from clinmega.evaluation.strategies import PRESETS, PROMPT_FORMATS, Strategy, parse_strategy
 
@@ -54,11 +54,36 @@ class ServedConfig:
 
 
 @dataclass
+class EvalParallel:
+    tensor_parallel: int = 1  # megatron backend: ranks, one process each (torchrun)
+    expert_parallel: int = 1  # megatron backend, Mixtral
+    expert_tensor_parallel: Optional[int] = None  # megatron: TP ranks of each expert (None: tensor_parallel)
+    pipeline_parallel: int = 1  # megatron: stages (e.g. the PP4 a Mixtral recipe trains at; any layout is read)
+    virtual_pipeline_parallel: Optional[int] = None  # megatron: model chunks per pipeline stage
+
+
+@dataclass
 class EvalKeys:
+    """``eval``'s keys (the same names as the recipes'); the other options are flags of this verb."""
+
+    parallel: EvalParallel = field(default_factory=EvalParallel)
+    precision: AutoPrecision = field(default_factory=AutoPrecision)  # None: bf16 on CUDA, fp32 on CPU
     served: ServedConfig = field(default_factory=ServedConfig)
 
 
 EVAL_ALIASES = (
+    Alias(("--tp", "--tensor-parallel"), "parallel.tensor_parallel", int,
+          "megatron: tensor-parallel ranks (launch one process per rank, e.g. torchrun)"),
+    Alias(("--ep", "--expert-parallel"), "parallel.expert_parallel", int, "megatron: expert-parallel ranks (Mixtral)"),
+    Alias("--dtype", "precision.dtype", dtype_arg,
+          "fp32|bf16|fp16 (default: bf16 on CUDA, where fp32 forces Transformer Engine's unfused attention; "
+          "fp32 on CPU)"),
+    Alias(("--etp", "--expert-tensor-parallel"), "parallel.expert_tensor_parallel", int,
+          "megatron: tensor-parallel ranks of each expert (default: --tensor-parallel)"),
+    Alias(("--pp", "--pipeline-parallel"), "parallel.pipeline_parallel", int,
+          "megatron: pipeline stages (the checkpoint is read at any layout)"),
+    Alias(("--vpp", "--virtual-pipeline-parallel"), "parallel.virtual_pipeline_parallel", int,
+          "megatron: model chunks per pipeline stage"),
     Alias("--endpoint", "served.endpoint", str, "openai: server base URL"),
     Alias("--model", "served.model", str, "openai: served model name"),
     Alias("--concurrency", "served.concurrency", int, "openai: requests in flight"),
@@ -82,19 +107,6 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="megatron: tokenizer folder for AutoTokenizer (default: the checkpoint's hf_assets); "
                         "openai: the served model's tokenizer, to split log-likelihood prompts exactly as lm-eval "
                         "(default: split at the context's end by the server's text offsets)")
-    p.add_argument("--tensor-parallel", "--tp", type=int, default=1,
-                   help="megatron: tensor-parallel ranks (launch one process per rank, e.g. torchrun); "
-                        "= parallel.tensor_parallel")
-    p.add_argument("--expert-parallel", "--ep", type=int, default=1,
-                   help="megatron: expert-parallel ranks (Mixtral); = parallel.expert_parallel")
-    p.add_argument("--expert-tensor-parallel", "--etp", type=int, default=None,
-                   help="megatron: tensor-parallel ranks of each expert (default: --tensor-parallel); "
-                        "= parallel.expert_tensor_parallel")
-    p.add_argument("--pipeline-parallel", "--pp", type=int, default=1,
-                   help="megatron: pipeline stages (e.g. the PP4 a Mixtral recipe trains at; the checkpoint "
-                        "is read at any layout); = parallel.pipeline_parallel")
-    p.add_argument("--virtual-pipeline-parallel", "--vpp", type=int, default=None,
-                   help="megatron: model chunks per pipeline stage; = parallel.virtual_pipeline_parallel")
     p.add_argument("--benchmarks", default="medqa_4options,medmcqa,pubmedqa,mmlu_clinical",
                    help="comma-separated benchmark names or groups (mmlu_clinical)")
     p.add_argument("--data-dir", type=Path, default=None,
@@ -113,10 +125,6 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=None)
     p.add_argument("--seed", type=int, default=1234, help="exemplar/permutation/sampling/bootstrap seed")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--dtype", default=None, type=_dtype, metavar="{fp32,bf16,fp16}",
-                   help="= precision.dtype (float32/bfloat16/float16 are accepted as the same values); "
-                        "default: bf16 on CUDA (fp32 forces Transformer Engine's unfused attention), "
-                        "fp32 on CPU")
     p.add_argument("--device", default=None, help="hf backend: cpu or cuda (default: cuda when available)")
     p.add_argument("--medmcqa-cop-base", type=int, choices=(0, 1), default=None,
                    help="MedMCQA 'cop' base when a file cannot tell (0: HF export, 1: GitHub release)")
@@ -128,13 +136,15 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return p
 
 
-def _dtype(text: str) -> str:
-    from clinmega.config.schema import dtype_name
-
-    try:
-        return dtype_name(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
+def apply_keys(args: argparse.Namespace) -> None:
+    """The keys (``--config``, aliases, ``key=value``) onto the attributes the backends read."""
+    keys = config_from_args(args)
+    args.tensor_parallel = keys.parallel.tensor_parallel
+    args.expert_parallel = keys.parallel.expert_parallel
+    args.expert_tensor_parallel = keys.parallel.expert_tensor_parallel
+    args.pipeline_parallel = keys.parallel.pipeline_parallel
+    args.virtual_pipeline_parallel = keys.parallel.virtual_pipeline_parallel
+    args.dtype = keys.precision.dtype or default_dtype()
 
 
 def build_backend(args: argparse.Namespace):
@@ -246,26 +256,24 @@ def run(args: argparse.Namespace) -> int:
     from clinmega.evaluation.scoring import run_strategy
     from clinmega.runtime import detect_world
 
-    args.dtype = args.dtype or default_dtype()
+    apply_keys(args)
 
     writer = detect_world().rank == 0  # multi-rank Megatron runs: every rank computes, rank 0 writes
     say = print if writer else (lambda *a, **k: None)
+    # everything the user supplied is checked before a model loads (a bad benchmark file: one
+    # BenchmarkFormatError listing every bad record; clinmega.cli reports it and exits 2)
     if args.model_dir is not None and OVERRIDE.match(str(args.model_dir)):  # the optional positional took a key=value
         args.overrides, args.model_dir = [str(args.model_dir), *args.overrides], None
-    try:  # everything the user supplied is checked before a model loads
-        args.backend, args.model_dir = resolve_model(args.backend, args.model_dir)
-        args.served = config_from_args(args).served
-        benchmarks = expand_benchmark_names([b.strip() for b in args.benchmarks.split(",") if b.strip()])
-        strategies = strategies_from(args)
-        data = {}
-        for name in benchmarks:
-            test = load_benchmark(name, args.data_dir, "test", cop_base=args.medmcqa_cop_base)[: args.limit]
-            needs_train = any(s.shots for s in strategies)
-            train = load_benchmark(name, args.data_dir, "train", cop_base=args.medmcqa_cop_base) if needs_train else []
-            data[name] = (test, train)
-    except (ValueError, FileNotFoundError) as err:  # BenchmarkFormatError lists every bad record
-        print(f"clinmega eval: {err}", file=sys.stderr)
-        return 2
+    args.backend, args.model_dir = resolve_model(args.backend, args.model_dir)
+    args.served = config_from_args(args).served
+    benchmarks = expand_benchmark_names([b.strip() for b in args.benchmarks.split(",") if b.strip()])
+    strategies = strategies_from(args)
+    data = {}
+    for name in benchmarks:
+        test = load_benchmark(name, args.data_dir, "test", cop_base=args.medmcqa_cop_base)[: args.limit]
+        needs_train = any(s.shots for s in strategies)
+        train = load_benchmark(name, args.data_dir, "train", cop_base=args.medmcqa_cop_base) if needs_train else []
+        data[name] = (test, train)
     backend = None
     results, timings = [], {}
     for name, (test, train) in data.items():

@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 from typing import Sequence
 
-from clinmega.evaluation.benchmarks import LETTERS
+from clinmega.benchmark_files import LETTERS
 
 _CUE = re.compile(
     r"(?:\b(?:final|correct|best|right|most\s+likely|most\s+appropriate|true)\s+)?"

@@ -28,7 +28,8 @@ import random
 from dataclasses import dataclass
 from typing import Callable, Literal, Sequence
 
-from clinmega.evaluation.benchmarks import LETTERS, MMLU_CLINICAL, PUBMEDQA_OPTIONS, Item
+from clinmega.benchmark_files import LETTERS, PUBMEDQA_OPTIONS, Item
+from clinmega.evaluation.benchmarks import MMLU_CLINICAL
 
 LM_EVAL_VERSION = "0.4.13"
 FEWSHOT_SEED = 1234  # lm-eval's default fewshot_random_seed

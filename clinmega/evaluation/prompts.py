@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from clinmega.evaluation.benchmarks import LETTERS, Item
+from clinmega.benchmark_files import LETTERS, Item
 
 FEWSHOT_DELIMITER = "\n\n"
 TARGET_DELIMITER = " "

@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from clinmega.evaluation.backends.base import Backend
-from clinmega.evaluation.benchmarks import Item
+from clinmega.benchmark_files import Item
 from clinmega.evaluation.extraction import extract_answer
 from clinmega.evaluation.lm_eval_tasks import LmEvalSampler, task_for
 from clinmega.evaluation.prompts import Exemplar, build_prompt, choice_continuations

@@ -27,7 +27,7 @@ from collections import Counter
 from dataclasses import dataclass, fields, replace
 from typing import Literal, Sequence
 
-from clinmega.evaluation.benchmarks import Item
+from clinmega.benchmark_files import Item
 
 
 PROMPT_FORMATS = ("auto", "lm-eval", "unified")

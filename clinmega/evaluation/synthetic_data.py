@@ -13,7 +13,8 @@ import json
 import random
 from pathlib import Path
 
-from clinmega.evaluation.benchmarks import LETTERS, MMLU_CLINICAL, SYNTHETIC_DIR
+from clinmega.benchmark_files import LETTERS
+from clinmega.evaluation.benchmarks import MMLU_CLINICAL, SYNTHETIC_DIR
 
 SOURCE = "SYNTHETIC clinmega test item (not from any real benchmark)"
 N_TEST, N_TRAIN = 20, 10

@@ -1,31 +1,127 @@
-"""``clinmega plan``: rank parallel layouts that fit a cluster, with memory and speed estimates."""
+"""``clinmega plan``: rank parallel layouts that fit a cluster, with memory and speed estimates.
+
+Its keys carry the recipes' names (``model.preset``, ``cluster.num_gpus``, ``train.seq_length``,
+``train.global_batch_size``, ``train.micro_batch_size``, ``train.recompute_granularity``,
+``train.use_distributed_optimizer``, ``precision.fp8``), plus the planner's own ``plan.*``.
+"""
 
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass, field
+from typing import Optional
+
+from clinmega.config.errors import ConfigError
+from clinmega.config.keys import Alias, add_config_arguments, config_from_args
+from clinmega.config.schema import FP8_FORMATS, ClusterConfig, _choice
+from clinmega.models.lora import TARGETS
+
+RECOMPUTE_GRANULARITIES = ("selective", "full")  # train.recompute_granularity; None: no recompute
+
+
+@dataclass
+class PlanModel:
+    preset: Optional[str] = None  # required: a name from `clinmega models`
+
+
+@dataclass
+class PlanTrain:
+    seq_length: int = 4096
+    global_batch_size: int = 256
+    micro_batch_size: int = 1
+    recompute_granularity: Optional[str] = "selective"
+    use_distributed_optimizer: bool = True
+
+    def __post_init__(self):
+        if self.recompute_granularity is not None:
+            _choice("train", "recompute_granularity", self.recompute_granularity, RECOMPUTE_GRANULARITIES)
+
+
+@dataclass
+class PlanPrecision:
+    fp8: Optional[str] = None  # a Transformer Engine FP8 format: FP8 training; None: BF16
+
+    def __post_init__(self):
+        if self.fp8 is not None:
+            _choice("precision", "fp8", self.fp8, FP8_FORMATS)
+
+
+@dataclass
+class PlanOptions:
+    top: int = 10                    # layouts shown
+    efficiency: float = 0.5          # fraction of the bf16 peak reached (MFU)
+    fp8_speedup: float = 1.6         # FP8's speed-up over bf16
+    grad_reduce_in_fp32: bool = True
+
+
+@dataclass
+class PlanLoRA:
+    rank: Optional[int] = None       # plan LoRA training (train.peft=lora) at this rank; None: full
+    targets: list = field(default_factory=lambda: list(TARGETS))
+
+
+@dataclass
+class PlanKeys:
+    model: PlanModel = field(default_factory=PlanModel)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    train: PlanTrain = field(default_factory=PlanTrain)
+    precision: PlanPrecision = field(default_factory=PlanPrecision)
+    plan: PlanOptions = field(default_factory=PlanOptions)
+    lora: PlanLoRA = field(default_factory=PlanLoRA)
+
+
+def _targets(text: str) -> str:
+    return "[" + ",".join(t.strip() for t in text.split(",")) + "]"
+
+
+def _recompute(text: str) -> str:
+    if text not in ("none", *RECOMPUTE_GRANULARITIES):
+        raise argparse.ArgumentTypeError(f"invalid choice {text!r} (none, selective, full)")
+    return "null" if text == "none" else text
+
+
+PLAN_ALIASES = (
+    Alias("--model", "model.preset", str, "model preset (see `clinmega models`)"),
+    Alias("--seq-length", "train.seq_length", int),
+    Alias("--global-batch", "train.global_batch_size", int),
+    Alias("--micro-batch", "train.micro_batch_size", int),
+    Alias("--gpus", "cluster.num_gpus", int, "total GPUs"),
+    Alias("--gpus-per-node", "cluster.gpus_per_node", int),
+    Alias("--gpu-memory", "cluster.gpu_memory_gb", float, "GB per GPU"),
+    Alias("--recompute", "train.recompute_granularity", _recompute, "none, selective or full"),
+    Alias("--fp8", "precision.fp8", const="hybrid", help="FP8 training (Transformer Engine)"),
+    Alias("--top", "plan.top", int),
+    Alias("--lora-rank", "lora.rank", int, "plan LoRA training (train.peft=lora) with adapters of "
+          "this rank: the base is frozen (no grads or optimizer state for it)"),
+    Alias("--lora-targets", "lora.targets", _targets, "comma-separated lora.targets"),
+)
 
 
 def _plan(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from clinmega.launch.planner import ClusterConfig, PlanConfig, rank_layouts
+    from clinmega.launch.planner import PlanConfig, rank_layouts
     from clinmega.models import get_preset
 
-    cfg = get_preset(args.model)
-    cluster = ClusterConfig(num_gpus=args.gpus, gpus_per_node=args.gpus_per_node,
-                            gpu_memory_gb=args.gpu_memory)
+    keys = config_from_args(args)
+    if keys.model.preset is None:
+        raise ConfigError("model.preset: required (--model NAME; `clinmega models` lists them)")
+    cfg = get_preset(keys.model.preset)
+    cluster = keys.cluster
     lora = None
-    if args.lora_rank is not None:
-        from clinmega.models.lora import TARGETS, LoRAConfig
+    if keys.lora.rank is not None:
+        from clinmega.models.lora import LoRAConfig  # validates the targets
 
-        targets = args.lora_targets.split(",") if args.lora_targets else list(TARGETS)
-        lora = LoRAConfig(rank=args.lora_rank, targets=targets)
-    plan = PlanConfig(seq_length=args.seq_length, global_batch=args.global_batch,
-                      micro_batch=args.micro_batch, recompute=args.recompute, fp8=args.fp8,
-                      lora=lora)
-    best, tried = rank_layouts(cfg, cluster, plan, top=args.top)
-    table = Table(title=f"{args.model}: seq {plan.seq_length}, global batch {plan.global_batch}, "
+        lora = LoRAConfig(rank=keys.lora.rank, targets=list(keys.lora.targets))
+    plan = PlanConfig(seq_length=keys.train.seq_length, global_batch=keys.train.global_batch_size,
+                      micro_batch=keys.train.micro_batch_size,
+                      recompute=keys.train.recompute_granularity or "none", fp8=keys.precision.fp8 is not None,
+                      distributed_optimizer=keys.train.use_distributed_optimizer,
+                      grad_reduce_in_fp32=keys.plan.grad_reduce_in_fp32, efficiency=keys.plan.efficiency,
+                      fp8_speedup=keys.plan.fp8_speedup, lora=lora)
+    best, tried = rank_layouts(cfg, cluster, plan, top=keys.plan.top)
+    table = Table(title=f"{keys.model.preset}: seq {plan.seq_length}, global batch {plan.global_batch}, "
                         f"{cluster.num_gpus} x {cluster.gpu_memory_gb:g} GB GPUs "
                         f"({'FP8' if plan.fp8 else 'BF16'}, recompute {plan.recompute}"
                         f"{f', LoRA rank {lora.rank}' if lora else ''}); "
@@ -49,20 +145,5 @@ def _plan(args: argparse.Namespace) -> int:
 def register(subparsers) -> None:
     p = subparsers.add_parser("plan", help="estimate memory/speed of parallel layouts and rank "
                                            "those that fit a cluster")
-    p.add_argument("--model", required=True, help="model preset (see `clinmega models`)")
-    p.add_argument("--seq-length", type=int, default=4096)
-    p.add_argument("--global-batch", type=int, default=256)
-    p.add_argument("--micro-batch", type=int, default=1)
-    p.add_argument("--gpus", type=int, default=8, help="total GPUs")
-    p.add_argument("--gpus-per-node", type=int, default=8)
-    p.add_argument("--gpu-memory", type=float, default=80.0, help="GB per GPU")
-    p.add_argument("--recompute", choices=("none", "selective", "full"), default="selective")
-    p.add_argument("--fp8", action="store_true", help="FP8 training (Transformer Engine)")
-    p.add_argument("--top", type=int, default=10)
-    p.add_argument("--lora-rank", type=int, default=None,
-                   help="plan LoRA training (train.peft=lora) with adapters of this rank: the base "
-                        "is frozen (no grads or optimizer state for it)")
-    p.add_argument("--lora-targets", default=None,
-                   help="comma-separated lora.targets (default: linear_qkv,linear_proj,"
-                        "linear_fc1,linear_fc2)")
+    add_config_arguments(p, PlanKeys, PLAN_ALIASES)
     p.set_defaults(func=_plan)

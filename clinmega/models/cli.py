@@ -3,19 +3,35 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass, field
+from typing import Optional
+
+from clinmega.config.keys import add_config_arguments, config_from_args
+
+
+@dataclass
+class ModelsFilter:
+    preset: Optional[str] = None  # show this preset only (default: all)
+
+
+@dataclass
+class ModelsKeys:
+    model: ModelsFilter = field(default_factory=ModelsFilter)
 
 
 def _models(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from clinmega.models import PRESETS, count_active_parameters, count_parameters
+    from clinmega.models import PRESETS, count_active_parameters, count_parameters, get_preset
 
+    keys = config_from_args(args)
+    shown = {keys.model.preset: get_preset(keys.model.preset)} if keys.model.preset else PRESETS
     table = Table(title="clinmega model presets")
     for col in ("preset", "arch", "layers", "hidden", "heads/kv", "vocab", "experts",
                 "sliding window", "rope theta", "params", "active"):
         table.add_column(col)
-    for name, cfg in PRESETS.items():
+    for name, cfg in shown.items():
         table.add_row(name, cfg.arch, str(cfg.num_layers), str(cfg.hidden_size),
                       f"{cfg.num_attention_heads}/{cfg.num_query_groups}", str(cfg.vocab_size),
                       f"{cfg.num_experts} top-{cfg.moe_router_topk}" if cfg.is_moe else "-",
@@ -47,6 +63,7 @@ def _info(args: argparse.Namespace) -> int:
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("models", help="list model presets with exact parameter counts")
+    add_config_arguments(p, ModelsKeys)
     p.set_defaults(func=_models)
     p = subparsers.add_parser("info", help="show the runtime this machine would use (GPU/CPU, TE, "
                                            "backend, CPU patches)")

@@ -10,10 +10,17 @@ library, and progress bars are untouched. ``--verbose`` prints everything as usu
 Worker processes share the count: forked workers inherit the hooks, spawned ones call
 :func:`apply_in_worker` (the log file's path travels in ``$CLINMEGA_LIBRARY_WARNINGS``), and a
 ``clinmega`` command started by another one (``clinmega demo``'s stages) counts into its parent's
-log, so the demo ends with one total. Warnings
-that C++ code writes straight to stderr (gloo's "Unable to resolve hostname" rank warning, c10
-deprecations) cannot be counted; they are silenced by ``TORCH_CPP_LOG_LEVEL=ERROR`` unless the
-user set that variable, and transformers' logger by ``TRANSFORMERS_VERBOSITY=error`` likewise.
+log, so the demo ends with one total.
+
+Warnings that C++ code writes straight to file descriptor 2 bypass Python: c10's ``LOG(WARNING)`` /
+``TORCH_WARN`` outside a Python call (gloo's ``[W ProcessGroupGloo.cpp:N] Warning: Unable to resolve
+hostname to a (local) address ...``, c10d's socket/store messages: ``[W1202 00:16:51.962 socket.cpp:955]
+...``). In a quiet command they are silenced at their source by ``TORCH_CPP_LOG_LEVEL=ERROR`` (c10 reads
+it when torch loads) unless the user set that variable, and transformers' logger by
+``TRANSFORMERS_VERBOSITY=error`` likewise. Where clinmega runs a child process whose stderr it reads
+(``clinmega demo``'s stages: :func:`child_env` + :func:`relay_stderr`), the child logs C++ warnings at
+c10's default level and the relay counts each such line (:data:`CPP_LOG_LINE`) instead of printing it;
+C++ errors (``[E...]``) and every other line pass through.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import sys
 import tempfile
 import warnings
@@ -30,11 +38,21 @@ from typing import Iterator
 LOG_ENV = "CLINMEGA_LIBRARY_WARNINGS"  # path of the log file, set while quiet
 VERBOSE_ENV = "CLINMEGA_VERBOSE"       # "1": print library warnings (inherited by workers)
 QUIET_ENV_DEFAULTS = {"TORCH_CPP_LOG_LEVEL": "ERROR", "TRANSFORMERS_VERBOSITY": "error"}
+USER_CPP_LOG_ENV = "CLINMEGA_USER_TORCH_CPP_LOG_LEVEL"  # the user's own value ("" = unset), while quiet
+# A warning or info line of c10's logger (glog layout, old and new: ``[W ProcessGroupGloo.cpp:559]``,
+# ``[W1202 00:16:51.962997278 socket.cpp:955]``, optionally with a pid) or of gloo itself (``[Gloo] ...``).
+CPP_LOG_LINE = re.compile(r"^\[[WI](\d{4} \d\d:\d\d:\d\d\.\d+)?( +\d+)? [\w./-]+\.(cpp|cc|h|hpp):\d+\] |^\[Gloo\] ")
 _PACKAGE_DIR = str(Path(__file__).resolve().parents[1])
+# clinmega files whose frames only pass a library call through: a warning attributed to them was
+# raised inside the library. cpu_compat's TorchFunctionMode calls every torch function of
+# megatron-core's CPU path (``return func(*args, **kwargs)``), so torch's FutureWarnings/UserWarnings
+# name that line; cpu_compat raises no Python warning of its own (it only logs).
+PASS_THROUGH_FILES = (os.path.join(_PACKAGE_DIR, "runtime", "cpu_compat.py"),)
 
 
 def _ours(filename: str) -> bool:
-    return os.path.abspath(filename).startswith(_PACKAGE_DIR + os.sep)
+    path = os.path.abspath(filename)
+    return path.startswith(_PACKAGE_DIR + os.sep) and path not in PASS_THROUGH_FILES
 
 
 def _record(log: str, line: str) -> None:
@@ -81,8 +99,10 @@ def _install(log: str) -> tuple:
     root.addHandler(handler)
     for name in OWN_HANDLER_LOGGERS:  # their records go to the library's own handler, not root's
         logging.getLogger(name).addFilter(records)
-    saved_env = {k: os.environ.get(k) for k in (LOG_ENV, *QUIET_ENV_DEFAULTS)}
+    saved_env = {k: os.environ.get(k) for k in (LOG_ENV, USER_CPP_LOG_ENV, *QUIET_ENV_DEFAULTS)}
     os.environ[LOG_ENV] = log
+    if USER_CPP_LOG_ENV not in os.environ:  # the outermost quiet command: remember the user's own value
+        os.environ[USER_CPP_LOG_ENV] = os.environ.get("TORCH_CPP_LOG_LEVEL", "")
     for key, value in QUIET_ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
     return original_show, handler, records, saved_env
@@ -149,3 +169,28 @@ def apply_in_worker() -> None:
     log = os.environ.get(LOG_ENV)
     if log and os.environ.get(VERBOSE_ENV) != "1":
         _install(log)
+
+
+def child_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment of a child process whose stderr goes through :func:`relay_stderr`: C++ warnings are
+    logged at the user's ``TORCH_CPP_LOG_LEVEL`` (c10's default, WARNING, when unset), so the relay can
+    count them (set explicitly: the child's own quiet layer only fills in an unset variable)."""
+    env = dict(os.environ if env is None else env)
+    user = env.get(USER_CPP_LOG_ENV)
+    if env.get(LOG_ENV) and user is not None:
+        env["TORCH_CPP_LOG_LEVEL"] = user or "WARNING"
+    return env
+
+
+def relay_stderr(lines, write) -> int:
+    """Pass a child's stderr ``lines`` (text, with their newlines) to ``write``, except C++ warning lines
+    (:data:`CPP_LOG_LINE`) while quiet: those go to the library-warning log. Returns how many it kept back."""
+    log = os.environ.get(LOG_ENV) if os.environ.get(VERBOSE_ENV) != "1" else None
+    kept = 0
+    for line in lines:
+        if log and CPP_LOG_LINE.match(line):
+            _record(log, "C++: " + line.rstrip("\n"))
+            kept += 1
+        else:
+            write(line)
+    return kept
