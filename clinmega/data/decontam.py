@@ -3,9 +3,11 @@ evaluation sets (MedQA / MedMCQA / PubMedQA / MMLU-style JSONL).
 
 Text is normalised (Unicode NFKC, lower case, words = runs of ``\\w``); every word gets a 64-bit
 hash (polynomial of its code points, mixed) and every n-gram (default 13 words) a 64-bit polynomial hash
-of its words, all computed vectorised with numpy over batches of ~2M characters (no per-word Python).
-The evaluation side becomes one sorted ``uint64`` array plus a bitmap prefilter (tens of MB for
-hundreds of thousands of questions), shared by forked worker processes; training files are streamed in
+of its words, all computed vectorised with numpy over batches of ~2M characters (no per-word Python;
+NFKC and lower case go through per-code-point tables, strings only for the rare runs whose
+normalisation depends on their neighbours). The evaluation side is hashed on the worker processes in
+line-aligned byte ranges and becomes one sorted ``uint64`` array plus a bitmap prefilter (tens of MB for
+hundreds of thousands of questions), shared by the forked scanning workers; training files are streamed in
 byte-range chunks and batches, so memory does not grow with the corpus. A document is flagged when it contains at
 least ``min_matches`` distinct evaluation n-grams.
 
