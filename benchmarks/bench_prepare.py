@@ -441,13 +441,11 @@ def token_streams(prefix: Path) -> tuple[np.ndarray, np.ndarray]:
     return tokens, lengths
 
 
-def ceiling_row(corpus: Path, workers: int, size_mb: float, results: dict[str, dict[str, float]]) -> None:
+def ceiling_row(corpus: Path, workers: int, size_mb: float) -> None:
     """Print the raw gigatoken ceiling: the same texts, already in memory, batch-encoded on ``workers``."""
     tokens, ceiling = raw_gigatoken_ceiling(corpus, workers)
-    fast = results.get("Megatron-LM preprocess_data_fast.py --use-gigatoken")
-    vs = f"  fast's work = {ceiling / fast['work']:.2f}x of it" if fast else ""
     print(f"{'raw gigatoken ceiling (texts in memory, encode only)':52s} {'':7s} {'':7s} {ceiling:7.1f} "
-          f"{size_mb / ceiling:6.1f}  {tokens / ceiling / 1e6:.1f} M tok/s{vs}", flush=True)
+          f"{size_mb / ceiling:6.1f}  {tokens / ceiling / 1e6:.1f} M tok/s on {workers} processes", flush=True)
 
 
 def ids_check(root: Path, tag: str, corpus: Path, fast: bool, slow: bool) -> list[str]:
@@ -531,17 +529,19 @@ def side_by_side(corpus: Path, root: Path, workers: int, megatron_lm: Path | Non
         if any(k in name for k in skip):
             continue
         if name == slow:  # the ceiling before the slowest row, so a cut-short run still has it
-            ceiling_row(corpus, workers, size_mb, results)
+            ceiling_row(corpus, workers, size_mb)
         cmd, env = runs[name]
         start = run_tree(starts[name][0], starts[name][1], root / "log.txt")
         r = run_tree(cmd, env, root / "log.txt")
         r["startup"] = start["wall"]
-        r["work"] = max(r["wall"] - start["wall"], 1e-9)  # wall: noisy on a shared machine
+        r["work"] = r["wall"] - start["wall"]  # wall: noisy on a shared machine (NaN where start-up took longer)
+        if r["work"] <= 0:
+            r["work"] = float("nan")
         r["work_cpu"] = max(r["cpu"] - start["cpu"], 1e-9)  # CPU seconds: what the load changes least
         results[name] = r
         row(name, r)
     if slow not in results:
-        ceiling_row(corpus, workers, size_mb, results)
+        ceiling_row(corpus, workers, size_mb)
     fast = results.get("Megatron-LM preprocess_data_fast.py --use-gigatoken")
     prep = results.get("clinmega prepare pretrain")
     if prep:
