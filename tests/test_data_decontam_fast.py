@@ -67,3 +67,106 @@ def test_batch_hashes_equal_per_text_hashes_and_never_span_texts():
         assert len(ngram_hashes(t, 4)) == max(0, len(re.findall(r"\w+", unicodedata.normalize("NFKC", t).lower())) - 3)
     a, b = ngram_hashes("alpha beta gamma", 3), ngram_hashes("alpha beta gammb", 3)
     assert len(a) == len(b) == 1 and a[0] != b[0]
+
+
+# Characters where NFKC depends on the neighbours or changes the length: combining marks after ASCII
+# letters, ligatures, fractions, Hangul jamo that compose, halfwidth kana with a voiced mark, the Kelvin
+# sign, micro, superscripts, fullwidth forms; and (CASE) where lower case does: final sigma, dotted capital I.
+CASE = ["ΟΔΟΣ", "Σ", "İstanbul"]
+TRICKY = ["e\u0301", "\u0301", "ﬁ", "½", "\u1100\u1161\u11a8", "\u1100", "\u1161", "ｶﾞ", "ﾞ", "K", "µg", "×10⁹/L", "Ｂ12", "Straße", "naïve", "中文", "x_1", "a\u0308\u0301", "\u00c5", "A\u030a", "㎎",
+          "fever", "mg", "°C", "—", "Ω", "ǅ"]
+_P, _M = 0x100000001B3, (1 << 64) - 1
+
+
+def _fmix(x):
+    x ^= x >> 33
+    x = x * 0xFF51AFD7ED558CCD & _M
+    x ^= x >> 33
+    x = x * 0xC4CEB9FE1A85EC53 & _M
+    return x ^ (x >> 33)
+
+
+def _ref_hashes(text, n):
+    """The n-gram hashes spelt out word by word: normalise as the module doc says, hash each word as the
+    polynomial of its code points, mixed, and each n-gram as the polynomial of its words' hashes."""
+    words = []
+    for w in re.findall(r"\w+", unicodedata.normalize("NFKC", text).lower()):
+        h = 0
+        for ch in w:
+            h = (h * _P + ord(ch)) & _M
+        words.append(_fmix(h))
+    out = []
+    for i in range(len(words) - n + 1):
+        h = 0
+        for w in words[i : i + n]:
+            h = (h * _P + w) & _M
+        out.append(h)
+    return out
+
+
+@pytest.mark.parametrize("seed,case", [(0, False), (1, False), (2, True)])
+def test_batch_normalisation_equals_per_text_nfkc_and_lower(seed, case):
+    rng = random.Random(seed)
+    pool = TRICKY + [w for w in WORDS if "Σ" not in w] + (CASE if case else [])
+    texts = []
+    for _ in range(300):
+        parts = [rng.choice(pool) + rng.choice(["", "", " ", " ", ",", "\n", "-"]) for _ in range(rng.randint(0, 30))]
+        texts.append(("" if rng.random() < 0.7 else rng.choice(TRICKY)) + " ".join(parts))
+    texts += ["", "\u0301", "ﬁ ﬁ", "Ａ\u0301 b"]
+    h, owner = batch_ngram_hashes(texts, 2)
+    for i, t in enumerate(texts):
+        assert h[owner == i].tolist() == _ref_hashes(t, 2), t
+
+
+def test_index_cut_into_parts_on_workers_equals_a_plain_first_owner_table(tmp_path, monkeypatch):
+    """Evaluation files cut into many byte ranges, indexed on 2 workers: every n-gram with the first
+    (set, line) that holds it, the per-set counts, exactly as a word-tuple table read in file order
+    (blank lines counted as lines, a BOM on line 1, options as a list or as fields)."""
+    from clinmega.data import decontam
+
+    rng = random.Random(5)
+    n = 3
+    sets = []
+    for si in range(2):
+        lines = []
+        for i in range(150):
+            if i % 17 == 5:
+                lines.append(b"\n")
+                continue
+            q = _sentence(rng, rng.randint(0, 12))
+            rec = {"question": q, "options": [_sentence(rng, 4), _sentence(rng, 1)]} if i % 2 else \
+                {"Question": q, "opa": _sentence(rng, 5), "id": i}
+            lines.append(json.dumps(rec, ensure_ascii=False).encode() + b"\n")
+        path = tmp_path / f"eval{si}.jsonl"
+        path.write_bytes(b"\xef\xbb\xbf" * (si == 0) + b"".join(lines))
+        sets.append((path, lines))
+    first, stats = {}, {}
+    for si, (path, lines) in enumerate(sets):
+        st = {"items": 0, "items_too_short": 0, "ngrams": 0}
+        for line_no, raw in enumerate(lines, start=1):
+            if raw == b"\n":
+                continue
+            rec = json.loads(raw)
+            texts = [v for k, v in rec.items() if k.lower() in ("question", "opa")]
+            texts += rec.get("options", [])
+            grams = [g for t in texts for g in _ref_ngram_list(t, n)]
+            st["items"] += 1
+            st["items_too_short"] += not grams
+            st["ngrams"] += len(grams)
+            for g in grams:
+                first.setdefault(g, (si, line_no))
+        stats[path.name] = st
+    monkeypatch.setattr(decontam, "EVAL_PART_BYTES", 300)
+    paths = [p for p, _ in sets]
+    assert len(decontam._eval_parts(paths, ["question"], n, 2)) == 8  # 4 byte ranges a file
+    idx = decontam.build_eval_index(paths, ["question", "options", "opa"], n, workers=2)
+    got = {int(k): (int(s), int(i)) for k, s, i in zip(idx.keys, idx.owner_set, idx.owner_item)}
+    want = {ngram_hashes(" ".join(g), n)[0].item(): owner for g, owner in first.items()}
+    assert got == want
+    for name, st in stats.items():
+        assert {k: idx.stats[name][k] for k in st} == st
+
+
+def _ref_ngram_list(text, n):
+    words = re.findall(r"\w+", unicodedata.normalize("NFKC", text).lower())
+    return [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]

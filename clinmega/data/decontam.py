@@ -3,9 +3,11 @@ evaluation sets (MedQA / MedMCQA / PubMedQA / MMLU-style JSONL).
 
 Text is normalised (Unicode NFKC, lower case, words = runs of ``\\w``); every word gets a 64-bit
 hash (polynomial of its code points, mixed) and every n-gram (default 13 words) a 64-bit polynomial hash
-of its words, all computed vectorised with numpy over batches of ~2M characters (no per-word Python).
-The evaluation side becomes one sorted ``uint64`` array plus a bitmap prefilter (tens of MB for
-hundreds of thousands of questions), shared by forked worker processes; training files are streamed in
+of its words, all computed vectorised with numpy over batches of ~2M characters (no per-word Python;
+NFKC and lower case go through per-code-point tables, strings only for the rare runs whose
+normalisation depends on their neighbours). The evaluation side is hashed on the worker processes in
+line-aligned byte ranges and becomes one sorted ``uint64`` array plus a bitmap prefilter (tens of MB for
+hundreds of thousands of questions), shared by the forked scanning workers; training files are streamed in
 byte-range chunks and batches, so memory does not grow with the corpus. A document is flagged when it contains at
 least ``min_matches`` distinct evaluation n-grams.
 
@@ -48,9 +50,8 @@ import orjson
 from clinmega.utils.atomic import staging_dir, write_json_atomic
 from clinmega.data.config import DecontamConfig
 from clinmega.data.manifest import FileStats, build_manifest, merge_chunk_stats, report_damage
-from clinmega.data.parallel import run_chunk_tasks
+from clinmega.data.parallel import run_chunk_tasks, run_parallel
 from clinmega.data.readers import (
-    UTF8_BOM,
     Chunk,
     detect_format,
     expand_inputs,
@@ -81,15 +82,16 @@ _IS_WORD[:128] = [_WORD.fullmatch(chr(c)) is not None for c in range(128)]
 _KNOWN[:128] = True
 _POWERS: dict[str, np.ndarray] = {}
 BATCH_CHARS = 1 << 21  # normalised characters hashed per vectorised batch
+EVAL_PART_BYTES = 4 << 20  # smallest byte range of an evaluation file indexed by one worker
 
 
 def _word_mask(cps: np.ndarray) -> np.ndarray:
     """Whether each code point is a ``\\w`` character (decided by the regex itself, once per code point)."""
     high = cps[cps >= 128]
     if high.size:
-        new = np.unique(high)
-        new = new[~_KNOWN[new]]
+        new = high[~_KNOWN[high]]
         if new.size:
+            new = np.unique(new)
             _IS_WORD[new] = [_WORD.fullmatch(chr(c)) is not None for c in new.tolist()]
             _KNOWN[new] = True
     return _IS_WORD[cps]
@@ -116,17 +118,145 @@ def _fmix64(x: np.ndarray) -> np.ndarray:
     return x
 
 
+_LOWER = np.arange(0x110000, dtype=np.uint32)  # code point -> its lower case (filled lazily beyond ASCII)
+_LOWER[65:91] += 32
+_SPECIAL_CASE = np.zeros(0x110000, dtype=bool)  # lower() is contextual (final sigma) or not one code point
+_KNOWN_CASE = np.zeros(0x110000, dtype=bool)
+_KNOWN_CASE[:128] = True
+
+
+_NFKC1 = np.arange(0x110000, dtype=np.uint32)  # code point -> its NFKC where that is one context-free code point
+_SIMPLE = np.ones(0x110000, dtype=bool)  # ... and whether it is (learnt lazily beyond ASCII)
+_KNOWN_NFKC = np.zeros(0x110000, dtype=bool)
+_KNOWN_NFKC[:128] = True
+_SECONDS: set[int] = set()  # code points that can compose with the character before them
+
+
+def _composing_seconds() -> set[int]:
+    """Every code point that is the second of a canonical composition pair (the Unicode data's two-part
+    canonical decompositions, all below U+30000), plus the Hangul vowel and trailing jamo."""
+    if not _SECONDS:
+        for c in range(0x30000):
+            d = unicodedata.decomposition(chr(c))
+            if d and d[0] != "<" and len(parts := d.split()) == 2:
+                _SECONDS.add(int(parts[1], 16))
+        _SECONDS.update(range(0x1160, 0x1200))
+    return _SECONDS
+
+
+def _learn_nfkc(new: np.ndarray) -> None:
+    """Fill ``_NFKC1``/``_SIMPLE`` for code points not seen yet: simple when NFKC maps the character alone
+    to one starter that composes with neither neighbour, so it may be mapped in place whatever surrounds it."""
+    seconds = _composing_seconds()
+    for c in np.unique(new).tolist():
+        ch = chr(c)
+        d = unicodedata.normalize("NFKC", ch)
+        head = unicodedata.normalize("NFD", d)[:1]
+        simple = (len(d) == 1 and not unicodedata.combining(ch) and not unicodedata.combining(d)
+                  and not unicodedata.combining(head) and c not in seconds and ord(d) not in seconds
+                  and ord(head) not in seconds)
+        _SIMPLE[c] = simple
+        _NFKC1[c] = ord(d) if simple else c
+        _KNOWN_NFKC[c] = True
+
+
+def _nfkc_codepoints(joined: str, cps: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """NFKC of ``joined`` (whose code points are ``cps``) as code points. Characters that are simple (see
+    ``_learn_nfkc``) are mapped through a table; a run of non-ASCII characters holding any other one is
+    normalised as a string together with the character before it (ASCII characters are starters that
+    nothing composes into, so the text may be cut before any of them: NFKC(a + b) = NFKC(a) + NFKC(b) when
+    b starts with one). Returns (code points, ends of the runs normalised as strings in the input, the
+    cumulative length change after each) to map input positions to output ones."""
+    none = np.zeros(0, np.int64)
+    high = np.flatnonzero(cps >= 128)
+    if not high.size:
+        return cps, none, none
+    cp_high = cps[high]
+    new = cp_high[~_KNOWN_NFKC[cp_high]]
+    if new.size:
+        _learn_nfkc(new)
+    out = cps.copy()
+    out[high] = _NFKC1[cp_high]
+    bad = ~_SIMPLE[cp_high]
+    if not bad.any():
+        return out, none, none
+    run_of = np.zeros(len(high), dtype=np.int64)
+    run_of[1:] = np.cumsum(np.diff(high) != 1)
+    cut = np.flatnonzero(np.diff(high) != 1) + 1
+    first = np.concatenate([[0], cut])
+    last = np.concatenate([cut - 1, [len(high) - 1]])
+    runs = np.unique(run_of[bad])
+    pieces, ends, deltas = [], [], []
+    prev = delta = 0
+    norm = unicodedata.normalize
+    for s, e in zip(np.maximum(high[first[runs]] - 1, 0).tolist(), (high[last[runs]] + 1).tolist()):
+        s = max(s, prev)
+        done = norm("NFKC", joined[s:e])
+        pieces.append(out[prev:s])
+        pieces.append(np.frombuffer(done.encode("utf-32-le", "surrogatepass"), dtype=np.uint32))
+        prev = e
+        delta += len(done) - (e - s)
+        ends.append(e)
+        deltas.append(delta)
+    pieces.append(out[prev:])
+    return np.concatenate(pieces), np.asarray(ends, np.int64), np.asarray(deltas, np.int64)
+
+
+def _lower_codepoints(cps: np.ndarray) -> np.ndarray | None:
+    """``str.lower`` applied to code points, or None where it depends on context or changes the length
+    (final sigma, dotted capital I): the caller then lowers the strings themselves."""
+    at = np.flatnonzero(cps >= 128)
+    out = cps + ((cps - np.uint32(65)) < np.uint32(26)).astype(np.uint32) * np.uint32(32)
+    if at.size:
+        high = cps[at]
+        new = high[~_KNOWN_CASE[high]]
+        if new.size:
+            for c in np.unique(new).tolist():
+                low = chr(c).lower()
+                _SPECIAL_CASE[c] = len(low) != 1 or c == 0x3A3
+                _LOWER[c] = ord(low[0])
+                _KNOWN_CASE[c] = True
+        if _SPECIAL_CASE[high].any():
+            return None
+        out[at] = _LOWER[high]
+    return out
+
+
+def _normalised_codepoints(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Code points of the NFKC, lower-cased ``texts`` joined by a newline (a non-word character: words and
+    case rules never cross it), and where each text starts in them."""
+    joined = "\n".join(texts)
+    raw_starts = np.zeros(len(texts), dtype=np.int64)
+    if len(texts) > 1:
+        np.cumsum(np.fromiter((len(t) + 1 for t in texts[:-1]), np.int64, len(texts) - 1), out=raw_starts[1:])
+    cps, run_ends, deltas = _nfkc_codepoints(joined, np.frombuffer(joined.encode("utf-32-le", "surrogatepass"),
+                                                                   dtype=np.uint32))
+    lowered = _lower_codepoints(cps)
+    if lowered is None:  # rare: lower each text as str.lower does, from its own NFKC
+        done = [unicodedata.normalize("NFKC", t).lower() for t in texts]
+        starts = np.zeros(len(texts), dtype=np.int64)
+        if len(texts) > 1:
+            np.cumsum(np.fromiter((len(t) + 1 for t in done[:-1]), np.int64, len(texts) - 1), out=starts[1:])
+        return np.frombuffer("\n".join(done).encode("utf-32-le", "surrogatepass"), dtype=np.uint32), starts
+    if run_ends.size:  # a text starts after a separator, never inside a normalised run
+        k = np.searchsorted(run_ends, raw_starts, side="right")
+        raw_starts = raw_starts + np.where(k > 0, deltas[np.maximum(k - 1, 0)], 0)
+    return lowered, raw_starts
+
+
 def batch_ngram_hashes(texts: list[str], n: int) -> tuple[np.ndarray, np.ndarray]:
     """64-bit hashes of every ``n``-word window of each normalised text (no window spans two texts), and
     the index of the text each comes from; vectorised over the whole batch.
 
-    A word's hash is the polynomial of its code points mod 2**64 (computed for all words at once from
-    prefix sums weighted by the prime's inverse powers), mixed by ``_fmix64``; an n-gram's hash is the
-    polynomial of its words' hashes. Same words in the same order: same hash, in any batch."""
-    normed = [unicodedata.normalize("NFKC", t).lower() for t in texts]
-    joined = "\n".join(normed)  # a non-word separator: words and case rules never cross it
-    cps = np.frombuffer(joined.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+    Normalisation (NFKC, then lower case) runs on the joined batch: NFKC only on its non-ASCII runs,
+    lower case through a code-point table. A word's hash is the polynomial of its code points mod 2**64
+    (computed for all words at once from prefix sums weighted by the prime's inverse powers), mixed by
+    ``_fmix64``; an n-gram's hash is the polynomial of its words' hashes. Same words in the same order:
+    same hash, in any batch."""
     empty = np.zeros(0, dtype=np.uint64), np.zeros(0, dtype=np.int64)
+    if not texts:
+        return empty
+    cps, text_starts = _normalised_codepoints(texts)
     if not cps.size:
         return empty
     is_word = _word_mask(cps)
@@ -140,9 +270,6 @@ def batch_ngram_hashes(texts: list[str], n: int) -> tuple[np.ndarray, np.ndarray
         prefix = np.cumsum(cps.astype(np.uint64) * qpow, dtype=np.uint64)
         before = np.where(starts > 0, prefix[np.maximum(starts - 1, 0)], np.uint64(0))
         words = _fmix64((prefix[ends - 1] - before) * ppow[ends - 1])
-    text_starts = np.zeros(len(normed), dtype=np.int64)
-    if len(normed) > 1:
-        np.cumsum(np.fromiter((len(t) + 1 for t in normed[:-1]), np.int64, len(normed) - 1), out=text_starts[1:])
     owner = np.searchsorted(text_starts, starts, side="right") - 1
     m = len(words) - n + 1
     acc = words[:m].copy()
@@ -170,10 +297,32 @@ def _field_texts(obj: Any) -> Iterator[str]:
             yield from _field_texts(v)
 
 
-def eval_item_texts(record: dict[str, Any], fields: Iterable[str]) -> list[str]:
-    """Strings of ``record`` under ``fields`` (case-insensitive keys)."""
-    wanted = {f.lower() for f in fields}
-    return [t for k, v in record.items() if k.lower() in wanted for t in _field_texts(v)]
+class _ItemTexts:
+    """The strings of an evaluation record under ``fields`` (keys matched case-insensitively; strings,
+    lists and dicts walked), in the record's key order; which keys are wanted is decided once per key
+    layout (the records of one file share theirs)."""
+
+    def __init__(self, fields: Iterable[str]) -> None:
+        self.wanted = {f.lower() for f in fields}
+        self.layouts: dict[tuple[str, ...], tuple[str, ...]] = {}
+
+    def __call__(self, record: dict[str, Any], out: list[str]) -> int:
+        """Append the record's strings to ``out``; returns their total length."""
+        layout = tuple(record)
+        keys = self.layouts.get(layout)
+        if keys is None:
+            keys = self.layouts[layout] = tuple(k for k in layout if k.lower() in self.wanted)
+        chars = 0
+        for k in keys:
+            v = record[k]
+            if type(v) is str:
+                out.append(v)
+                chars += len(v)
+            else:
+                for t in _field_texts(v):
+                    out.append(t)
+                    chars += len(t)
+        return chars
 
 
 @dataclass
@@ -192,6 +341,15 @@ class EvalIndex:
         """Positions in ``keys`` of the distinct ``hashes`` that occur in the evaluation sets."""
         return np.unique(self.positions(hashes)[1])
 
+    def prefilter(self) -> None:
+        """Build the bitmap of the keys' top bits (see ``positions``) if it is not there yet."""
+        if self._bitmap is None and len(self.keys):
+            bits = int(min(32, max(16, int(np.ceil(np.log2(64 * len(self.keys)))))))
+            self._shift = np.uint64(64 - bits)
+            top = self.keys >> self._shift
+            self._bitmap = np.zeros(1 << (bits - 3), dtype=np.uint8)
+            np.bitwise_or.at(self._bitmap, top >> np.uint64(3), np.left_shift(1, (top & np.uint64(7)).astype(np.uint8)))
+
     def positions(self, hashes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(indices into ``hashes``, positions in ``keys``) of the hashes that occur in the evaluation sets.
 
@@ -200,12 +358,7 @@ class EvalIndex:
         none = np.zeros(0, dtype=np.int64)
         if not len(self.keys) or not len(hashes):
             return none, none
-        if self._bitmap is None:
-            bits = int(min(32, max(16, int(np.ceil(np.log2(64 * len(self.keys)))))))
-            self._shift = np.uint64(64 - bits)
-            top = self.keys >> self._shift
-            self._bitmap = np.zeros(1 << (bits - 3), dtype=np.uint8)
-            np.bitwise_or.at(self._bitmap, top >> np.uint64(3), np.left_shift(1, (top & np.uint64(7)).astype(np.uint8)))
+        self.prefilter()
         top = hashes >> self._shift
         maybe = np.flatnonzero((self._bitmap[top >> np.uint64(3)] >> (top & np.uint64(7)).astype(np.uint8)) & 1)
         pos = np.minimum(np.searchsorted(self.keys, hashes[maybe]), len(self.keys) - 1)
@@ -213,79 +366,140 @@ class EvalIndex:
         return maybe[found], pos[found]
 
 
-def _benchmark_records(path: Path) -> Iterator[tuple[int, dict[str, Any] | None]]:
-    """(position, record) of an evaluation file; ``None`` records are unreadable lines.
+@dataclass
+class _EvalPart:
+    """A byte range of one evaluation JSONL file (``chunk``), or a whole file of another layout (None)."""
 
-    JSONL is read line by line with the configured ``eval_fields``; the other layouts the
-    evaluation loaders accept (PubMedQA's PMID-keyed JSON, MMLU's headerless CSV) are read by
-    :func:`clinmega.benchmark_files.load_file` and indexed by question, options and context.
+    set_index: int
+    path: Path
+    chunk: Chunk | None
+    fields: list[str]
+    n: int
+
+
+def _eval_parts(paths: list[Path], fields: list[str], n: int, workers: int) -> list[_EvalPart]:
+    """Evaluation files cut into line-aligned byte ranges, about two per worker (at least 4 MiB each)."""
+    parts = []
+    for si, path in enumerate(paths):
+        if path.suffix.lower() in (".json", ".csv"):
+            parts.append(_EvalPart(si, path, None, fields, n))
+            continue
+        size = path.stat().st_size
+        step = max(EVAL_PART_BYTES, -(-size // (2 * max(workers, 1))))
+        bounds = list(range(0, size, step)) + [size] if size else [0, 0]
+        for x, y in zip(bounds[:-1], bounds[1:]):
+            parts.append(_EvalPart(si, path, Chunk(str(path), "jsonl", x, y, si, len(parts), y - x), fields, n))
+    return parts
+
+
+_BLANK: Any = object()  # a blank evaluation line: it counts as a line, not as an item
+
+
+def _part_records(part: _EvalPart) -> Iterator[tuple[int, Any]]:
+    """(position, record) of an evaluation part, positions counted from the part's first line; ``None``
+    records are unreadable lines, ``_BLANK`` blank ones.
+
+    JSONL is read line by line (orjson for clean lines, the readers' parser for the rest); the other
+    layouts the evaluation loaders accept (PubMedQA's PMID-keyed JSON, MMLU's headerless CSV) are read
+    by :func:`clinmega.benchmark_files.load_file` and indexed by question, options and context.
     """
-    if path.suffix.lower() in (".json", ".csv"):
+    if part.chunk is None:
         from clinmega.benchmark_files import load_file
 
-        for position, item in enumerate(load_file(path), start=1):
+        for position, item in enumerate(load_file(part.path), start=1):
             yield position, {"question": item.question, "options": list(item.options),
                              "context": item.context or ""}
         return
-    with open(path, "rb") as f:
-        for line_no, raw in enumerate(f, start=1):
-            obj, reason, _ = parse_line(raw[3:] if line_no == 1 and raw.startswith(UTF8_BOM) else raw)
-            if reason == "blank_line":
+    loads, decode_error = orjson.loads, orjson.JSONDecodeError
+    for line_no, raw in enumerate(iter_lines(part.chunk), start=1):  # iter_lines drops a leading BOM
+        try:
+            obj = loads(raw)
+            if type(obj) is dict:
+                yield line_no, obj
                 continue
-            yield line_no, obj if reason is None and isinstance(obj, dict) else None
+        except decode_error:
+            pass
+        obj, reason, _ = parse_line(raw)
+        if reason == "blank_line":
+            yield line_no, _BLANK  # counted as a line, not an item
+            continue
+        yield line_no, obj if reason is None and isinstance(obj, dict) else None
 
 
-def build_eval_index(paths: list[Path], fields: list[str], n: int) -> EvalIndex:
-    """Read every evaluation file and index its n-grams (see module doc)."""
-    all_keys, sets, items = [], [], []
-    names: list[str] = []
-    stats: dict[str, dict[str, Any]] = {}
-    for si, path in enumerate(paths):
-        name = path.name
-        names.append(name)
-        st = {"path": str(path), "items": 0, "items_too_short": 0, "ngrams": 0, "unreadable_lines": 0}
-        texts: list[str] = []
-        text_items: list[int] = []
+def _index_part(part: _EvalPart) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
+    """Worker: (sorted unique n-gram hashes of the part, the part-relative line first owning each,
+    counts: items, items with n-grams, n-grams, unreadable lines, lines)."""
+    item_texts = _ItemTexts(part.fields)
+    st = {"items": 0, "items_with_ngrams": 0, "ngrams": 0, "unreadable_lines": 0, "lines": 0}
+    keys: list[np.ndarray] = []
+    lines: list[np.ndarray] = []
+    texts: list[str] = []
+    text_items: list[int] = []
 
-        def flush() -> None:
-            h, owner = batch_ngram_hashes(texts, n)
-            line_of = np.asarray(text_items, dtype=np.int64)[owner]
-            counts = np.unique(line_of)
-            st["ngrams"] += len(h)
-            st["items_with_ngrams"] += len(counts)
-            all_keys.append(h)
-            sets.append(np.full(len(h), si, dtype=np.int32))
-            items.append(line_of)
-            texts.clear()
-            text_items.clear()
+    def flush() -> None:
+        h, owner = batch_ngram_hashes(texts, part.n)
+        line_of = np.asarray(text_items, dtype=np.int64)[owner]
+        st["ngrams"] += len(h)
+        st["items_with_ngrams"] += len(np.unique(line_of))
+        keys.append(h)
+        lines.append(line_of)
+        texts.clear()
+        text_items.clear()
 
-        st["items_with_ngrams"] = 0
-        chars = 0
-        for line_no, obj in _benchmark_records(path):
-            if obj is None:
-                st["unreadable_lines"] += 1
-                continue
-            st["items"] += 1
-            for t in eval_item_texts(obj, fields):
-                texts.append(t)
-                text_items.append(line_no)
-                chars += len(t)
-            if chars >= BATCH_CHARS:  # an item's texts never straddle two batches
-                flush()
-                chars = 0
-        if texts:
+    chars = 0
+    for line_no, obj in _part_records(part):
+        st["lines"] = line_no
+        if obj is _BLANK:
+            continue
+        if obj is None:
+            st["unreadable_lines"] += 1
+            continue
+        st["items"] += 1
+        before = len(texts)
+        chars += item_texts(obj, texts)
+        text_items.extend([line_no] * (len(texts) - before))
+        if chars >= BATCH_CHARS:  # an item's texts never straddle two batches
             flush()
-        st["items_too_short"] = st["items"] - st.pop("items_with_ngrams")
-        if st["unreadable_lines"]:
-            raise ValueError(f"{path}: {st['unreadable_lines']} evaluation line(s) are not JSON objects")
-        stats[name] = st
-    if not all_keys:
-        return EvalIndex(np.zeros(0, np.uint64), np.zeros(0, np.int32), np.zeros(0, np.int64), names, stats)
-    keys = np.concatenate(all_keys)
-    order = np.argsort(keys, kind="stable")
+            chars = 0
+    if texts:
+        flush()
+    return (*_first_of_each(np.concatenate(keys) if keys else np.zeros(0, np.uint64),
+                            np.concatenate(lines) if lines else np.zeros(0, np.int64)), st)
+
+
+def _first_of_each(keys: np.ndarray, *payload: np.ndarray) -> tuple[np.ndarray, ...]:
+    """``keys`` sorted and made unique, each with the payload of its first occurrence."""
+    order = np.argsort(keys, kind="stable")  # presorted runs (the parts' own results) merge fast
     keys = keys[order]
-    first = np.concatenate([[True], keys[1:] != keys[:-1]])
-    return EvalIndex(keys[first], np.concatenate(sets)[order][first], np.concatenate(items)[order][first], names, stats)
+    first = np.concatenate([[True], keys[1:] != keys[:-1]]) if len(keys) else np.zeros(0, bool)
+    return (keys[first], *(p[order][first] for p in payload))
+
+
+def build_eval_index(paths: list[Path], fields: list[str], n: int, workers: int = 1) -> EvalIndex:
+    """Read every evaluation file and index its n-grams (see module doc), the files' byte ranges hashed
+    on ``workers`` processes."""
+    parts = _eval_parts(paths, list(fields), n, workers)
+    results = run_parallel(_index_part, parts, workers, description="indexing evaluation sets", progress=False)
+    names = [p.name for p in paths]
+    stats = {p.name: {"path": str(p), "items": 0, "items_too_short": 0, "ngrams": 0, "unreadable_lines": 0}
+             for p in paths}
+    all_keys, sets, items = [], [], []
+    line_offset = 0
+    for i, (part, (keys, lines, st)) in enumerate(zip(parts, results)):
+        agg = stats[part.path.name]
+        for k in ("items", "ngrams", "unreadable_lines"):
+            agg[k] += st[k]
+        agg["items_too_short"] += st["items"] - st["items_with_ngrams"]
+        all_keys.append(keys)
+        sets.append(np.full(len(keys), part.set_index, dtype=np.int32))
+        items.append(lines + line_offset)
+        last_of_file = i + 1 == len(parts) or parts[i + 1].set_index != part.set_index
+        line_offset = 0 if last_of_file else line_offset + st["lines"]
+    for p in paths:
+        if stats[p.name]["unreadable_lines"]:
+            raise ValueError(f"{p}: {stats[p.name]['unreadable_lines']} evaluation line(s) are not JSON objects")
+    keys, owner_set, owner_item = _first_of_each(np.concatenate(all_keys), np.concatenate(sets), np.concatenate(items))
+    return EvalIndex(keys, owner_set, owner_item, names, stats)
 
 
 @dataclass
@@ -306,7 +520,8 @@ def eval_index_for(cfg: DecontamConfig) -> EvalIndex:
     key = (files, tuple(cfg.eval_fields), cfg.ngram)
     if key not in _INDEXES:
         _INDEXES.clear()  # one index at a time: they can be large
-        _INDEXES[key] = build_eval_index(paths, cfg.eval_fields, cfg.ngram)
+        _INDEXES[key] = build_eval_index(paths, cfg.eval_fields, cfg.ngram, cfg.workers)
+        _INDEXES[key].prefilter()  # before any fork: workers share it
     return _INDEXES[key]
 
 
