@@ -40,8 +40,8 @@ class MegatronBackend(TokenBackend):
         """Load a clinmega/megatron-core distributed checkpoint (model weights, any saved layout).
 
         ``path``: a checkpoint, checkpoint root or train run directory (the newest complete
-        checkpoint is loaded). ``model_config``: a HF ``config.json`` (or folder holding one)
-        describing the model, default the model the checkpoint records (else ``config.json`` in the
+        checkpoint is loaded; a LoRA run's adapter checkpoint is scored as base + adapters).
+        ``model_config``: a HF ``config.json`` (or folder holding one) describing the model, default the model the checkpoint records (else ``config.json`` in the
         checkpoint); ``tokenizer``: a folder `AutoTokenizer` reads, default the checkpoint's
         ``hf_assets`` (else the checkpoint folder). With
         ``tensor_parallel``/``expert_parallel`` > 1, run one process per rank (torchrun, Slurm): every rank
@@ -53,8 +53,8 @@ class MegatronBackend(TokenBackend):
 
         from clinmega.checkpoints import read_checkpoint_info, resolve_checkpoint
         from clinmega.config.schema import ParallelConfig, PrecisionConfig, RuntimeConfig, dtype_name
-        from clinmega.models import build_model, from_hf_config
-        from clinmega.models.dist_ckpt import load_model_weights
+        from clinmega.models import from_hf_config
+        from clinmega.models.lora_model import build_checkpoint_model
         from clinmega.runtime import initialize
 
         precision = dtype_name(dtype)  # fp32|bf16|fp16, also float32|bfloat16|float16
@@ -66,8 +66,8 @@ class MegatronBackend(TokenBackend):
         parallel = ParallelConfig(tensor_parallel=tensor_parallel, expert_parallel=expert_parallel)
         runtime = RuntimeConfig()
         initialize(parallel, runtime)
-        [model] = build_model(cfg, parallel, PrecisionConfig(dtype=precision), runtime)
-        load_model_weights([model], path)
+        # a LoRA run's checkpoint: base (found through its LoRA record) + adapters
+        [model] = build_checkpoint_model(info, cfg, parallel, PrecisionConfig(dtype=precision), runtime)
         return cls(model, AutoTokenizer.from_pretrained(str(tokenizer)), cfg.max_position_embeddings,
                    batch_size=batch_size)
 
