@@ -182,7 +182,12 @@ def sft_lora_dp2(tmp: Path) -> dict:
     model = unwrap(trainer.model[0])
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     step0 = eval_logits(trainer)
+    clean, noisy = [], []  # the frozen embedding's output before / after NEFTune's hook
+    model.embedding.register_forward_hook(lambda m, i, out: clean.append(out.detach().clone()),
+                                          prepend=True)
+    model.embedding.register_forward_hook(lambda m, i, out: noisy.append(out.detach().clone()))
     losses = [trainer.step(s)["loss"] for s in range(4)]
+    noise = max((n - c).abs().max().item() for c, n in zip(clean, noisy))
     after = {n: p.detach().clone() for n, p in model.named_parameters()}
     lora_logits = eval_logits(trainer)
     # merged: W + scale * B @ A in a copy of the weights, adapters' B zeroed
@@ -203,7 +208,8 @@ def sft_lora_dp2(tmp: Path) -> dict:
     trainer.checkpointer.close()
     dist.barrier()
     return dict(base_logits=base_logits, step0=step0, lora_logits=lora_logits,
-                merged_logits=merged_logits, losses=losses,
+                merged_logits=merged_logits, losses=losses, neftune_noise=noise,
+                neftune_alpha=cfg.train.neftune_alpha, hidden=cfg.model.hidden_size,
                 changed=sorted(n for n in before if not torch.equal(before[n], after[n])),
                 trainable=trainable, opt_numel=int(opt_numel), grad_buffer_numel=buffers,
                 adapter_numel=adapters, dp=trainer.cfg.parallel.data_parallel_size(2))

@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -23,8 +20,7 @@ from clinmega.checkpoints import METADATA_FILE
 from clinmega.config import ConfigError
 from clinmega.models.lora import LoRAConfig, is_adapter_key, read_peft_record
 from clinmega.models.lora_model import lora_base
-from clinmega.training.checkpoint import read_latest
-from test_training import ENV, PY, run_ok, wait_for
+from test_training import PY, run_ok, sigkill_after_checkpoint
 
 LAYOUT_CASES = [lc.mistral_tp2, lc.mistral_tp2_sp, lc.mistral_pp2, lc.mistral_pp2_vpp2,
                 lc.mixtral_ep2]
@@ -69,6 +65,8 @@ def test_lora_trains_only_the_adapters(group):
                                                            if not is_adapter_key(n)]
     lora_b = [n for n in r["trainable"] if n.endswith("lora_b.weight")]
     assert set(lora_b) <= set(r["changed"])  # every B moved away from 0
+    # packed SFT with NEFTune: the noise still reaches the (frozen) embedding output
+    assert 0 < r["neftune_noise"] <= r["neftune_alpha"] / r["hidden"] ** 0.5, r["neftune_noise"]
 
 
 @pytest.mark.distributed
@@ -76,6 +74,23 @@ def test_lora_optimizer_state_and_grad_buffers_hold_only_the_adapters(group):
     r = group[lc.sft_lora_dp2]
     assert r["opt_numel"] == 2 * r["adapter_numel"], r  # Adam's exp_avg + exp_avg_sq (fp32)
     assert r["adapter_numel"] <= r["grad_buffer_numel"] < 2 * r["adapter_numel"] + 1024, r
+
+
+def test_load_policy_parts_tolerate_exactly_the_other_part():
+    from clinmega.models.dist_ckpt import CheckpointKeyError, check_load_keys
+
+    adapter = "decoder.layers.0.mlp.linear_fc1.lora_a.weight"
+    weight = "decoder.layers.0.mlp.linear_fc1.weight"
+    check_load_keys([adapter], [], "base", part="base")  # the base lacks the adapters
+    check_load_keys([weight], [], "adapters", part="adapters")  # adapters lack the base
+    with pytest.raises(CheckpointKeyError, match="missing 'decoder.layers.0.mlp.linear_fc1.weight'"):
+        check_load_keys([adapter, weight], [], "base", part="base")
+    with pytest.raises(CheckpointKeyError, match="lora_a.weight"):
+        check_load_keys([adapter, weight], [], "adapters", part="adapters")
+    with pytest.raises(CheckpointKeyError, match="lora_a.weight"):
+        check_load_keys([adapter], [], "whole model")  # a full load needs the adapters too
+    with pytest.raises(CheckpointKeyError, match="unexpected"):
+        check_load_keys([], [adapter], "base", part="base")
 
 
 # --- the base a LoRA run trains on --------------------------------------------------------------
@@ -145,16 +160,7 @@ def test_lora_kill_and_resume_is_bit_exact(base, lora_reference, tmp_path):
     run_dir = tmp_path / "killed"
     ckpt = run_dir / "checkpoints"
     args = sft(run_dir, *LORA_STEPS, f"checkpoint.load_weights={base}")
-    proc = subprocess.Popen([*args, "train.steps=1000"], env=ENV,
-                            cwd=tc.ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        wait_for(lambda: (ckpt / "latest").is_file() and read_latest(ckpt) == 4, proc)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == -signal.SIGKILL
+    sigkill_after_checkpoint([*args, "train.steps=1000"], ckpt, 4)
     run_ok(args)  # resumes from latest = 4 (the base comes from the adapter checkpoint's record)
     ref, got = tc.losses(lora_reference), tc.losses(run_dir)
     assert sorted(got) == list(range(1, 9)), got

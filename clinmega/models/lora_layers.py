@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from clinmega.config.errors import ConfigError
-from clinmega.models.lora import COLUMN_PARALLEL, LoRAConfig, target_of
+from clinmega.models.lora import COLUMN_PARALLEL, LoRAConfig, is_adapter_key, target_of
 
 _CLASSES: dict[type, type] = {}
 
@@ -321,7 +321,7 @@ def adapter_parameters(chunks: Sequence[torch.nn.Module]) -> list[tuple[str, tor
     out = []
     for i, chunk in enumerate(chunks):
         for name, param in unwrap(chunk).named_parameters():
-            if name.split(".")[-2] in ("lora_a", "lora_b"):
+            if is_adapter_key(name):
                 out.append((f"{i}:{name}" if len(chunks) > 1 else name, param))
     return out
 
