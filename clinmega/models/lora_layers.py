@@ -62,15 +62,18 @@ class _Adapter(torch.nn.Module):
         return f"{tuple(self.weight.shape)}"
 
 
-def _tp_group(module):
+def _tp_group(module, expert: bool):
+    """The linear's tensor-parallel group: its own (``tp_group`` on megatron's linears,
+    ``_tp_group`` on its TE wrappers, whose TE-side ``tp_group`` is None for experts), else the
+    (expert) tensor-parallel group of the parallel state."""
     from megatron.core import parallel_state as ps
 
-    group = getattr(module, "tp_group", None)
-    if group is not None:
-        return group
-    if getattr(module, "is_expert", False):
-        return ps.get_expert_tensor_parallel_group()
-    return ps.get_tensor_model_parallel_group()
+    for attr in ("_tp_group", "tp_group"):
+        group = getattr(module, attr, None)
+        if group is not None:
+            return group
+    return (ps.get_expert_tensor_parallel_group() if expert
+            else ps.get_tensor_model_parallel_group())
 
 
 def _group_size(group) -> int:
@@ -224,10 +227,13 @@ def _global_names(chunk: torch.nn.Module) -> dict[str, str]:
     return names
 
 
-def _convert(module, cfg: LoRAConfig, target: str, global_name: str, seed: int) -> None:
-    group = _tp_group(module)
+def _convert(module, cfg: LoRAConfig, target: str, global_name: str, seed: int,
+             expert: bool) -> None:
+    group = _tp_group(module, expert)
     tp = _group_size(group)
-    explicit = bool(getattr(module, "explicit_expert_comm", False))
+    # An expert's linears never communicate over TP themselves (megatron's token dispatcher
+    # does: ``explicit_expert_comm``); the adapter must not either.
+    explicit = expert
     if explicit and tp > 1:
         raise ConfigError("train.peft=lora: expert linears with expert_tensor_parallel > 1 are not "
                           "supported (set parallel.expert_tensor_parallel=1)")
@@ -298,7 +304,8 @@ def apply_lora(chunks: Sequence[torch.nn.Module], cfg: LoRAConfig, seed: int) ->
             if not isinstance(module, supported):
                 raise ConfigError(f"train.peft=lora: {name} is a {type(module).__name__}, not one "
                                   f"of the supported linears {[c.__name__ for c in supported]}")
-            _convert(module, cfg, target, globals_.get(name, name), seed)
+            _convert(module, cfg, target, globals_.get(name, name), seed,
+                     expert=".local_experts." in f".{name}.")
             count += 1
         if getattr(model, "pre_process", False):
             # With everything before the first adapter frozen, the embedding output needs a grad
