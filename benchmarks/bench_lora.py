@@ -12,8 +12,8 @@ a fresh spawned process (so one variant's allocations do not hide the other's) r
 
     PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/bench_lora.py [--steps N] [key=value ...]
 
-The planner's estimate for Mistral-7B / Mixtral-8x7B on 8x80 GB (``clinmega plan`` with LoRA)
-goes in the PLANNER ROWS section of the output, once the planner accounts for LoRA.
+Planner rows (Mistral-7B / Mixtral-8x7B LoRA on 8x80 GB from ``clinmega plan``'s LoRA accounting)
+belong after the table printed by :func:`main`; they are not part of this script yet.
 """
 
 from __future__ import annotations
@@ -111,8 +111,6 @@ def main(argv=None) -> int:
     width = [max(len(r[i]) for r in rows) for i in range(4)]
     for row in rows:
         print("  ".join(c.ljust(w) for c, w in zip(row, width)))
-    print("PLANNER ROWS (Mistral-7B / Mixtral-8x7B LoRA on 8x80 GB): filled in by the planner's "
-          "LoRA accounting")
     print(json.dumps(dict(full=full, lora=lora)), file=sys.stderr)
     return 0
 

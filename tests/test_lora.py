@@ -93,6 +93,27 @@ def test_load_policy_parts_tolerate_exactly_the_other_part():
         check_load_keys([], [adapter], "base", part="base")
 
 
+def test_te_layernorm_linear_adapter_input_is_the_normed_input():
+    """TE's fused norm-linear: the adapter sees RMSNorm(x) recomputed from the module's own norm
+    weight (also zero-centred gamma), as torch's RMSNorm (the local spec's norm) computes it."""
+    from types import SimpleNamespace
+
+    from clinmega.models.lora_layers import _rms_norm
+
+    gen = torch.Generator().manual_seed(0)
+    x, w = torch.randn(5, 2, 16, generator=gen), torch.rand(16, generator=gen) + 0.5
+    ref = torch.nn.RMSNorm(16, eps=1e-5)
+    with torch.no_grad():
+        ref.weight.copy_(w)
+        expected = ref(x)
+    for weight, centred in ((w, False), (w - 1, True)):
+        te = SimpleNamespace(layer_norm_weight=weight, eps=1e-5, normalization="RMSNorm",
+                             zero_centered_gamma=centred)
+        assert (_rms_norm(te, x) - expected).abs().max().item() <= 1e-6
+    with pytest.raises(ConfigError, match="only RMSNorm"):
+        _rms_norm(SimpleNamespace(layer_norm_weight=w, eps=1e-5, normalization="LayerNorm"), x)
+
+
 # --- the base a LoRA run trains on --------------------------------------------------------------
 def test_lora_base_errors(tmp_path):
     from clinmega.checkpoints import CheckpointInfo
