@@ -40,8 +40,9 @@ def _tensor_bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def variant(run_dir: str, overrides: list[str], warmup: int, steps: int) -> dict:
-    """One variant in this (spawned) process: build the trainer, run warm-up + timed steps."""
+def variant(run_dir: str, overrides: list[str], warmup: int, steps: int, save: bool) -> dict:
+    """One variant in this (spawned) process: build the trainer, run warm-up + timed steps (and
+    save a checkpoint after them when ``save``)."""
     import torch
 
     from clinmega.runtime import initialize
@@ -60,6 +61,10 @@ def variant(run_dir: str, overrides: list[str], warmup: int, steps: int) -> dict
         if step >= warmup:
             times.append(time.perf_counter() - start)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if save:
+        trainer.state.step = warmup + steps
+        trainer.checkpointer.save(trainer.state.step, trainer.model, trainer.optimizer,
+                                  trainer.scheduler, trainer.state)
     params = [p for c in trainer.model for p in c.module.parameters()]
     trainable = [p for p in params if p.requires_grad]
     grads = [b.grad_data for c in trainer.model for b in c.buffers + c.expert_parallel_buffers]
@@ -74,10 +79,11 @@ def variant(run_dir: str, overrides: list[str], warmup: int, steps: int) -> dict
                 step_s=statistics.median(times), losses=losses)
 
 
-def run_variant(run_dir: Path, overrides: list[str], warmup: int, steps: int) -> dict:
+def run_variant(run_dir: Path, overrides: list[str], warmup: int, steps: int,
+                save: bool = False) -> dict:
     from clinmega.runtime.local_group import run_local_group
 
-    [out] = run_local_group(variant, 1, (str(run_dir), overrides, warmup, steps))
+    [out] = run_local_group(variant, 1, (str(run_dir), overrides, warmup, steps, save))
     return out
 
 
@@ -89,8 +95,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench-lora-") as tmp:
         tmp = Path(tmp)
-        run_variant(tmp / "base", ["train.steps=1", "train.warmup_steps=0", "train.save_interval=1",
-                                   *args.overrides], 0, 1)
+        run_variant(tmp / "base", ["train.steps=1", "train.warmup_steps=0", *args.overrides], 0, 1,
+                    save=True)
         common = [f"checkpoint.load_weights={tmp / 'base'}", "train.save_interval=0",
                   f"train.steps={args.warmup + args.steps}", "train.warmup_steps=1",
                   *args.overrides]
