@@ -70,18 +70,22 @@ def reference(tmp_path_factory) -> Path:
 def killed(tmp_path_factory) -> Path:
     """A run SIGKILLed right after its step-10 checkpoint (it was configured for 1000 steps)."""
     run_dir = tmp_path_factory.mktemp("killed")
-    ckpt = run_dir / "checkpoints"
-    proc = subprocess.Popen(cli(run_dir, "train.steps=1000"), env=ENV, cwd=cases.ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    sigkill_after_checkpoint(cli(run_dir, "train.steps=1000"), run_dir / "checkpoints", 10)
+    return run_dir
+
+
+def sigkill_after_checkpoint(cmd: list[str], ckpt: Path, step: int) -> None:
+    """Run ``cmd`` and SIGKILL it once ``ckpt``'s latest checkpoint is ``step``."""
+    proc = subprocess.Popen(cmd, env=ENV, cwd=cases.ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
     try:
-        wait_for(lambda: (ckpt / "latest").is_file() and read_latest(ckpt) == 10, proc)
+        wait_for(lambda: (ckpt / "latest").is_file() and read_latest(ckpt) == step, proc)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == -signal.SIGKILL
-    return run_dir
 
 
 # `clinmega train ...` that SIGKILLs its process group (itself and any writer processes) once every

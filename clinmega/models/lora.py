@@ -23,6 +23,10 @@ Megatron eval backend, ``export-hf`` merged and ``--adapter-only``, the planner)
   ``W``'s rows). Row-parallel linears (``linear_proj``, ``linear_fc2``): ``A`` is split along dim 1
   like ``W``, ``B`` is replicated. The global checkpoint tensors are therefore the unsharded
   ``A``/``B`` of the math above whatever the layout.
+
+The nn.Modules (adapters on megatron-core's and Transformer Engine's linears, freezing) are in
+:mod:`clinmega.models.lora_layers`; building a model from an adapter checkpoint (base found through
+its record, then the adapters) and a LoRA run's base are in :mod:`clinmega.models.lora_model`.
 """
 
 from __future__ import annotations

@@ -15,7 +15,9 @@ it, then replaces ``latest`` and the tracker (each atomically), then deletes all
 tensor writes run in the background (megatron-core ``AsyncCallsQueue``) and the rename/``latest``
 happen in the request's finalisation. The checkpoint is layout independent (resharded on load);
 the distributed optimizer state uses megatron-core's ``fully_reshardable`` format, so a run
-resumes at another data-parallel size. RNG states are restored when TP/PP are unchanged.
+resumes at another data-parallel size. A LoRA run (``part = "adapters"``) saves and restores only
+the adapter weights and their optimizer state; its base comes from the checkpoint its LoRA record
+names (:mod:`clinmega.models.lora_model`). RNG states are restored when TP/PP are unchanged.
 """
 
 from __future__ import annotations
@@ -93,8 +95,9 @@ class TrainingState:
     schedule: dict | None = None   # clinmega.training.optimizer.schedule_signature at save
 
 
-def _sharded_state(chunks, optimizer, scheduler, state: TrainingState | None, loading: bool) -> dict:
-    sharded = model_sharded_state_dict(chunks)
+def _sharded_state(chunks, optimizer, scheduler, state: TrainingState | None, loading: bool,
+                   part: str | None = None) -> dict:
+    sharded = model_sharded_state_dict(chunks, part)
     model_only = dict(sharded)
     if optimizer is not None:
         sharded["optimizer"] = optimizer.sharded_state_dict(model_only, is_loading=loading,
@@ -111,6 +114,7 @@ class Checkpointer:
 
     def __init__(self, root: str | Path, keep_last: int = 2, async_save: bool = False):
         self.root, self.keep_last, self.async_save = Path(root), keep_last, async_save
+        self.part: str | None = None  # "adapters": a LoRA run saves and restores only those
         self._queue = None
         self._description: tuple[ModelConfig, dict, Path | None, str] | None = None
         if async_save:
@@ -139,7 +143,7 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
         dist.barrier()
-        sharded = _sharded_state(chunks, optimizer, scheduler, state, loading=False)
+        sharded = _sharded_state(chunks, optimizer, scheduler, state, loading=False, part=self.part)
         request = dist_checkpointing.save(sharded, str(tmp), async_sharded_save=self.async_save,
                                           **({"async_strategy": "mcore"} if self.async_save else {}))
         if self.async_save:
@@ -189,13 +193,13 @@ class Checkpointer:
         """Restore checkpoint ``step`` into the model, optimizer and RNGs; returns the training
         state and the LR scheduler's state dict (the caller decides whether to apply it)."""
         directory = iteration_dir(self.root, step)
-        sharded = _sharded_state(chunks, optimizer, None, None, loading=True)
+        sharded = _sharded_state(chunks, optimizer, None, None, loading=True, part=self.part)
         saved_layout = dist_checkpointing.load_common_state_dict(str(directory))["layout"]
         same_layout = saved_layout == _layout()
         if not same_layout:  # RNG states are per (pp, tp) rank: only meaningful at that layout
             sharded.pop("rng_state")
         loaded = load_sharded(sharded, directory)
-        load_chunk_states(chunks, loaded, directory)
+        load_chunk_states(chunks, loaded, directory, part=self.part)
         if optimizer is not None:
             optimizer.load_state_dict(loaded["optimizer"])
         if same_layout:

@@ -2,7 +2,9 @@
 
 1. runtime (process groups, parallel state, seeds); 2. model chunks (+ weights of
 ``checkpoint.load_weights``, weights only; the model is checked against the one the checkpoint
-records) wrapped in megatron DDP; 3. optimizer + LR schedule; 4. resume from
+records) wrapped in megatron DDP; with ``train.peft=lora`` LoRA adapters on a frozen base (the
+base is ``checkpoint.load_weights``, or on resume the base the checkpoint's LoRA record names, and
+checkpoints hold the adapters and their optimizer state only: :mod:`clinmega.models.lora`); 3. optimizer + LR schedule; 4. resume from
 ``<checkpoint dir>/latest`` if there is one; 5. per step: this DP rank's microbatches of the global
 batch through megatron-core's schedule (any PP / virtual PP), NaN/inf check, optimizer step, log,
 evaluate (validation loss; benchmark accuracy with ``train.eval_benchmarks``), checkpoint; SIGTERM
@@ -27,7 +29,10 @@ from megatron.core.distributed import DistributedDataParallelConfig
 from clinmega.config import to_yaml
 from clinmega.models import build_model
 from clinmega.models.builder import DTYPES
+from clinmega.models import lora_model as lora
 from clinmega.models.dist_ckpt import load_model_weights
+from clinmega.models.lora import PEFT_KEY, peft_record
+from clinmega.models.lora_layers import apply_lora, lora_transformer_overrides
 from clinmega.runtime import initialize
 from clinmega.training.benchmark_eval import BenchmarkEvaluator
 from clinmega.training.checkpoint import Checkpointer, TerminationFlag, TrainingState
@@ -181,12 +186,22 @@ def build_trainer(cfg: ExperimentConfig) -> Trainer:
     train.num_microbatches(dp)  # validates the batch geometry for this world size
     checkpointer = Checkpointer(cfg.checkpoint_dir, cfg.checkpoint.keep_last, cfg.checkpoint.async_save)
     source = start_source(cfg, checkpointer.root)  # refuses a model the checkpoint was not saved as
-    checkpointer.describe(cfg.model, provenance(cfg, source), source.info and source.info.assets,
+    record = provenance(cfg, source)
+    lora_base = None
+    if train.peft == "lora":  # adapters on a frozen base: checkpoints hold the adapters only
+        lora_base = lora.lora_base(cfg.lora, source.directory, source.info, source.resumed)
+        record[PEFT_KEY] = peft_record(cfg.lora, lora_base)
+        checkpointer.part = "adapters"
+    checkpointer.describe(cfg.model, record, source.info and source.info.assets,
                           str(DTYPES[cfg.precision.dtype]).removeprefix("torch."))
     latest = checkpointer.latest() if source.resumed else None
     chunks = build_model(cfg.model, cfg.parallel, cfg.precision, cfg.runtime,
-                         **train.transformer_overrides(), **_packed_overrides(cfg))
-    if source.directory is not None and not source.resumed:  # a resumed run has its own weights
+                         **train.transformer_overrides(), **_packed_overrides(cfg),
+                         **(lora_transformer_overrides(cfg.model.is_moe) if lora_base else {}))
+    if lora_base is not None:  # before DDP: frozen weights get no gradient buffer
+        apply_lora(chunks, cfg.lora, cfg.runtime.seed)
+        load_model_weights(chunks, lora_base, part="base")
+    elif source.directory is not None and not source.resumed:  # a resumed run has its own weights
         load_model_weights(chunks, source.directory)
     model = wrap_ddp(chunks, _ddp_config(cfg))
     neftune = None

@@ -45,14 +45,14 @@ def load_chunks(path: str | Path, model_config: str | Path | None = None, tokeni
     build this rank's model chunks and load a clinmega/megatron-core distributed checkpoint into them.
 
     ``path``: a checkpoint, checkpoint root or train run directory (the newest complete checkpoint is
-    loaded). ``model_config``: a HF ``config.json`` (or folder holding one) describing the model,
+    loaded; a LoRA run's adapter checkpoint is loaded as base + adapters). ``model_config``: a HF ``config.json`` (or folder holding one) describing the model,
     default the model the checkpoint records (else ``config.json`` in the checkpoint); ``tokenizer``:
     a folder `AutoTokenizer` reads, default the checkpoint's ``hf_assets`` (else the checkpoint folder).
     """
     from clinmega.checkpoints import read_checkpoint_info, resolve_checkpoint
     from clinmega.config.schema import ParallelConfig, PrecisionConfig, RuntimeConfig, dtype_name
-    from clinmega.models import build_model, from_hf_config
-    from clinmega.models.dist_ckpt import load_model_weights
+    from clinmega.models import from_hf_config
+    from clinmega.models.lora_model import build_checkpoint_model
     from clinmega.runtime import initialize
 
     precision = dtype_name(dtype)  # fp32|bf16|fp16, also float32|bfloat16|float16
@@ -64,8 +64,8 @@ def load_chunks(path: str | Path, model_config: str | Path | None = None, tokeni
     parallel = parallel or ParallelConfig()
     runtime = runtime or RuntimeConfig()
     initialize(parallel, runtime)
-    chunks = build_model(cfg, parallel, PrecisionConfig(dtype=precision), runtime, training=False)
-    load_model_weights(chunks, path)
+    chunks = build_checkpoint_model(info, cfg, parallel, PrecisionConfig(dtype=precision), runtime,
+                                    training=False)
     return LoadedChunks(chunks, cfg, Path(tokenizer))
 
 
