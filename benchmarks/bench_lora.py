@@ -12,8 +12,8 @@ a fresh spawned process (so one variant's allocations do not hide the other's) r
 
     PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/bench_lora.py [--steps N] [key=value ...]
 
-Planner rows (Mistral-7B / Mixtral-8x7B LoRA on 8x80 GB from ``clinmega plan``'s LoRA accounting)
-belong after the table printed by :func:`main`; they are not part of this script yet.
+After the table: the planner's per-GPU memory of full SFT vs LoRA for the Mistral-7B and
+Mixtral-8x7B LoRA SFT recipes on one 8 x 80 GB node (``clinmega.launch.planner.lora_report``).
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPE = ROOT / "recipes" / "tiny_cpu_sft_neftune.yaml"
+RECIPES = ROOT / "recipes"
+RECIPE = RECIPES / "tiny_cpu_sft_neftune.yaml"
 
 
 def _rss_bytes() -> int:
@@ -117,6 +118,10 @@ def main(argv=None) -> int:
     width = [max(len(r[i]) for r in rows) for i in range(4)]
     for row in rows:
         print("  ".join(c.ljust(w) for c, w in zip(row, width)))
+    from clinmega.launch.planner import lora_report
+
+    print("\nplanner estimate (clinmega plan), the LoRA SFT recipes on one 8 x 80 GB node:")
+    print(lora_report([RECIPES / "mistral_7b_lora_sft.yaml", RECIPES / "mixtral_8x7b_lora_sft.yaml"]))
     print(json.dumps(dict(full=full, lora=lora)), file=sys.stderr)
     return 0
 
