@@ -191,3 +191,18 @@ def test_stable_key_order_equals_stable_argsort_when_high_bits_collide():
     u, first = _first_of_each(keys, line)
     assert u.tolist() == sorted(set(keys.tolist()))
     assert first.tolist() == [int(np.flatnonzero(keys == k)[0]) for k in u]
+
+
+def test_one_lookup_fold_of_simple_characters_equals_the_reference():
+    """Batches whose every character folds alone (fullwidth letters, the micro sign, a fullwidth low line
+    that NFKC turns into a word character) take the one-table path and still equal the reference."""
+    from clinmega.data.decontam import _folded_codepoints
+
+    rng = random.Random(3)
+    pool = ["x\uff3fy", "\uff21\uff22C", "5\u00b5g", "\uff44ose", "Stra\u00dfe", "\u00c9t\u00c9", "caf\u00e9"]
+    pool += [w for w in WORDS if w.isascii()]
+    texts = [" ".join(rng.choice(pool) for _ in range(rng.randint(0, 12))) for _ in range(200)]
+    assert _folded_codepoints("\n".join(texts))[1] is not None  # the fast path is the one tested here
+    h, owner = batch_ngram_hashes(texts, 2)
+    for i, t in enumerate(texts):
+        assert h[owner == i].tolist() == _ref_hashes(t, 2), t
