@@ -308,7 +308,8 @@ def batch_ngram_hashes(texts: list[str], n: int) -> tuple[np.ndarray, np.ndarray
         return empty
     ppow, qpow = _powers(len(cps))
     with np.errstate(over="ignore"):
-        prefix = np.cumsum(cps.astype(np.uint64) * qpow, dtype=np.uint64)
+        prefix = np.multiply(cps, qpow)  # uint64
+        np.cumsum(prefix, out=prefix)
         before = np.where(starts > 0, prefix[np.maximum(starts - 1, 0)], np.uint64(0))
         words = _fmix64((prefix[ends - 1] - before) * ppow[ends - 1])
     owner = np.searchsorted(text_starts, starts, side="right") - 1
@@ -523,9 +524,14 @@ def _stable_key_order(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return order[fix], near[fix]
 
 
-def _first_of_each(keys: np.ndarray, *payload: np.ndarray) -> tuple[np.ndarray, ...]:
-    """``keys`` sorted and made unique, each with the payload of its first occurrence."""
-    order, keys = _stable_key_order(keys)
+def _first_of_each(keys: np.ndarray, *payload: np.ndarray, runs: bool = False) -> tuple[np.ndarray, ...]:
+    """``keys`` sorted and made unique, each with the payload of its first occurrence; ``runs``: ``keys``
+    are a few sorted runs (the parts' results), which numpy's stable argsort merges fastest."""
+    if runs:
+        order = np.argsort(keys, kind="stable")
+        keys = keys[order]
+    else:
+        order, keys = _stable_key_order(keys)
     first = np.concatenate([[True], keys[1:] != keys[:-1]]) if len(keys) else np.zeros(0, bool)
     at = order[first]
     return (keys[first], *(p[at] for p in payload))
@@ -554,7 +560,8 @@ def build_eval_index(paths: list[Path], fields: list[str], n: int, workers: int 
     for p in paths:
         if stats[p.name]["unreadable_lines"]:
             raise ValueError(f"{p}: {stats[p.name]['unreadable_lines']} evaluation line(s) are not JSON objects")
-    keys, owner_set, owner_item = _first_of_each(np.concatenate(all_keys), np.concatenate(sets), np.concatenate(items))
+    keys, owner_set, owner_item = _first_of_each(np.concatenate(all_keys), np.concatenate(sets), np.concatenate(items),
+                                              runs=True)
     return EvalIndex(keys, owner_set, owner_item, names, stats)
 
 
