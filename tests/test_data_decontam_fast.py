@@ -5,6 +5,7 @@ import random
 import re
 import unicodedata
 
+import numpy as np
 import pytest
 from data_utils import write_jsonl
 
@@ -170,3 +171,38 @@ def test_index_cut_into_parts_on_workers_equals_a_plain_first_owner_table(tmp_pa
 def _ref_ngram_list(text, n):
     words = re.findall(r"\w+", unicodedata.normalize("NFKC", text).lower())
     return [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+
+
+def test_stable_key_order_equals_stable_argsort_when_high_bits_collide():
+    """The index's sort (positions packed into the keys' low bits, then fixed up) against numpy's stable
+    argsort, on keys that share their high bits but differ in the low ones, and on repeated keys."""
+    from clinmega.data.decontam import _first_of_each, _stable_key_order
+
+    rng = np.random.default_rng(0)
+    keys = rng.integers(0, 2**63, 5000, dtype=np.uint64) * np.uint64(2)
+    keys[:300] = keys[300:600] | np.uint64(2**12 - 2)  # same high bits, larger low ones, earlier
+    keys[600:900] = keys[300:600] & ~np.uint64(2**12 - 1)  # ... smaller low ones, later
+    keys[rng.integers(0, 5000, 1500)] = keys[rng.integers(0, 5000, 1500)]  # repeats
+    keys[-3:] = np.uint64(2**64 - 1)
+    order, ranked = _stable_key_order(keys)
+    assert order.tolist() == np.argsort(keys, kind="stable").tolist()
+    assert (ranked == np.sort(keys)).all()
+    line = np.arange(len(keys))
+    u, first = _first_of_each(keys, line)
+    assert u.tolist() == sorted(set(keys.tolist()))
+    assert first.tolist() == [int(np.flatnonzero(keys == k)[0]) for k in u]
+
+
+def test_one_lookup_fold_of_simple_characters_equals_the_reference():
+    """Batches whose every character folds alone (fullwidth letters, the micro sign, a fullwidth low line
+    that NFKC turns into a word character) take the one-table path and still equal the reference."""
+    from clinmega.data.decontam import _folded_codepoints
+
+    rng = random.Random(3)
+    pool = ["x\uff3fy", "\uff21\uff22C", "5\u00b5g", "\uff44ose", "Stra\u00dfe", "\u00c9t\u00c9", "caf\u00e9"]
+    pool += [w for w in WORDS if w.isascii()]
+    texts = [" ".join(rng.choice(pool) for _ in range(rng.randint(0, 12))) for _ in range(200)]
+    assert _folded_codepoints("\n".join(texts))[1] is not None  # the fast path is the one tested here
+    h, owner = batch_ngram_hashes(texts, 2)
+    for i, t in enumerate(texts):
+        assert h[owner == i].tolist() == _ref_hashes(t, 2), t

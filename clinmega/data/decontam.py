@@ -222,26 +222,66 @@ def _lower_codepoints(cps: np.ndarray) -> np.ndarray | None:
     return out
 
 
-def _normalised_codepoints(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+_FOLD = _LOWER.copy()  # code point -> lower(NFKC(it)) where both are one context-free code point ...
+_FOLD_OK = np.zeros(0x110000, dtype=bool)  # ... and whether they are (learnt lazily beyond ASCII)
+_FOLD_WORD = np.zeros(0x110000, dtype=bool)  # whether that folded code point is a \w character
+_KNOWN_FOLD = np.zeros(0x110000, dtype=bool)
+_FOLD_OK[:128] = _KNOWN_FOLD[:128] = True
+_FOLD_WORD[:128] = _IS_WORD[_FOLD[:128]]
+
+
+def _learn_fold(new: np.ndarray) -> None:
+    """Fill the ``_FOLD`` tables for the (distinct) code points ``new`` from the NFKC, case and word ones."""
+    unknown = new[~_KNOWN_NFKC[new]]
+    if unknown.size:
+        _learn_nfkc(unknown)
+    mapped = _NFKC1[new]
+    _lower_codepoints(mapped)  # learns the case of the NFKC results
+    folded = _LOWER[mapped]
+    _FOLD[new] = folded
+    _FOLD_OK[new] = _SIMPLE[new] & ~_SPECIAL_CASE[mapped]
+    _FOLD_WORD[new] = _word_mask(folded)
+    _KNOWN_FOLD[new] = True
+
+
+def _folded_codepoints(joined: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """(code points of ``joined``, NFKC'd and lower-cased, and their \\w mask) in one table look-up each
+    when every character of it folds alone (see ``_FOLD``): the common case; else (its raw code points,
+    None)."""
+    raw = np.frombuffer(joined.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+    high = raw[raw >= 128]
+    if high.size:
+        new = high[~_KNOWN_FOLD[high]]
+        if new.size:
+            _learn_fold(np.asarray(sorted(set(new.tolist())), dtype=np.uint32))
+        if not _FOLD_OK[high].all():
+            return raw, None
+    return _FOLD[raw], _FOLD_WORD[raw]
+
+
+def _normalised_codepoints(texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Code points of the NFKC, lower-cased ``texts`` joined by a newline (a non-word character: words and
-    case rules never cross it), and where each text starts in them."""
+    case rules never cross it), where each text starts in them, and their \\w mask when it came with them
+    (else None)."""
     joined = "\n".join(texts)
     raw_starts = np.zeros(len(texts), dtype=np.int64)
     if len(texts) > 1:
         np.cumsum(np.fromiter((len(t) + 1 for t in texts[:-1]), np.int64, len(texts) - 1), out=raw_starts[1:])
-    cps, run_ends, deltas = _nfkc_codepoints(joined, np.frombuffer(joined.encode("utf-32-le", "surrogatepass"),
-                                                                   dtype=np.uint32))
+    raw, is_word = _folded_codepoints(joined)
+    if is_word is not None:
+        return raw, raw_starts, is_word
+    cps, run_ends, deltas = _nfkc_codepoints(joined, raw)
     lowered = _lower_codepoints(cps)
     if lowered is None:  # rare: lower each text as str.lower does, from its own NFKC
         done = [unicodedata.normalize("NFKC", t).lower() for t in texts]
         starts = np.zeros(len(texts), dtype=np.int64)
         if len(texts) > 1:
             np.cumsum(np.fromiter((len(t) + 1 for t in done[:-1]), np.int64, len(texts) - 1), out=starts[1:])
-        return np.frombuffer("\n".join(done).encode("utf-32-le", "surrogatepass"), dtype=np.uint32), starts
+        return np.frombuffer("\n".join(done).encode("utf-32-le", "surrogatepass"), dtype=np.uint32), starts, None
     if run_ends.size:  # a text starts after a separator, never inside a normalised run
         k = np.searchsorted(run_ends, raw_starts, side="right")
         raw_starts = raw_starts + np.where(k > 0, deltas[np.maximum(k - 1, 0)], 0)
-    return lowered, raw_starts
+    return lowered, raw_starts, None
 
 
 def batch_ngram_hashes(texts: list[str], n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -256,10 +296,11 @@ def batch_ngram_hashes(texts: list[str], n: int) -> tuple[np.ndarray, np.ndarray
     empty = np.zeros(0, dtype=np.uint64), np.zeros(0, dtype=np.int64)
     if not texts:
         return empty
-    cps, text_starts = _normalised_codepoints(texts)
+    cps, text_starts, is_word = _normalised_codepoints(texts)
     if not cps.size:
         return empty
-    is_word = _word_mask(cps)
+    if is_word is None:
+        is_word = _word_mask(cps)
     edges = np.diff(is_word.view(np.int8), prepend=np.int8(0), append=np.int8(0))
     starts = np.flatnonzero(edges == 1)
     ends = np.flatnonzero(edges == -1)  # exclusive
@@ -267,7 +308,8 @@ def batch_ngram_hashes(texts: list[str], n: int) -> tuple[np.ndarray, np.ndarray
         return empty
     ppow, qpow = _powers(len(cps))
     with np.errstate(over="ignore"):
-        prefix = np.cumsum(cps.astype(np.uint64) * qpow, dtype=np.uint64)
+        prefix = np.multiply(cps, qpow)  # uint64
+        np.cumsum(prefix, out=prefix)
         before = np.where(starts > 0, prefix[np.maximum(starts - 1, 0)], np.uint64(0))
         words = _fmix64((prefix[ends - 1] - before) * ppow[ends - 1])
     owner = np.searchsorted(text_starts, starts, side="right") - 1
@@ -440,7 +482,8 @@ def _index_part(part: _EvalPart) -> tuple[np.ndarray, np.ndarray, dict[str, int]
         h, owner = batch_ngram_hashes(texts, part.n)
         line_of = np.asarray(text_items, dtype=np.int64)[owner]
         st["ngrams"] += len(h)
-        st["items_with_ngrams"] += len(np.unique(line_of))
+        if len(line_of):  # line_of never decreases: count its distinct values (np.unique hashes, slowly)
+            st["items_with_ngrams"] += 1 + int(np.count_nonzero(line_of[1:] != line_of[:-1]))
         keys.append(h)
         lines.append(line_of)
         texts.clear()
@@ -467,12 +510,31 @@ def _index_part(part: _EvalPart) -> tuple[np.ndarray, np.ndarray, dict[str, int]
                             np.concatenate(lines) if lines else np.zeros(0, np.int64)), st)
 
 
-def _first_of_each(keys: np.ndarray, *payload: np.ndarray) -> tuple[np.ndarray, ...]:
-    """``keys`` sorted and made unique, each with the payload of its first occurrence."""
-    order = np.argsort(keys, kind="stable")  # presorted runs (the parts' own results) merge fast
-    keys = keys[order]
+def _stable_key_order(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(``np.argsort(keys, kind="stable")``, the sorted keys) for uint64 ``keys``, faster: the positions
+    are first put in the low bits of the keys and sorted with ``np.sort`` (vectorised, unlike argsort),
+    which orders them by the keys' high bits and then by position; a stable argsort of that nearly sorted
+    result (runs of equal high bits holding distinct keys are rare for hashes) puts them in exact order."""
+    bits = max(1, int(len(keys) - 1).bit_length())
+    low = np.uint64((1 << bits) - 1)
+    packed = np.sort((keys & ~low) | np.arange(len(keys), dtype=np.uint64))
+    order = (packed & low).astype(np.int64)
+    near = keys[order]
+    fix = np.argsort(near, kind="stable")
+    return order[fix], near[fix]
+
+
+def _first_of_each(keys: np.ndarray, *payload: np.ndarray, runs: bool = False) -> tuple[np.ndarray, ...]:
+    """``keys`` sorted and made unique, each with the payload of its first occurrence; ``runs``: ``keys``
+    are a few sorted runs (the parts' results), which numpy's stable argsort merges fastest."""
+    if runs:
+        order = np.argsort(keys, kind="stable")
+        keys = keys[order]
+    else:
+        order, keys = _stable_key_order(keys)
     first = np.concatenate([[True], keys[1:] != keys[:-1]]) if len(keys) else np.zeros(0, bool)
-    return (keys[first], *(p[order][first] for p in payload))
+    at = order[first]
+    return (keys[first], *(p[at] for p in payload))
 
 
 def build_eval_index(paths: list[Path], fields: list[str], n: int, workers: int = 1) -> EvalIndex:
@@ -498,7 +560,8 @@ def build_eval_index(paths: list[Path], fields: list[str], n: int, workers: int 
     for p in paths:
         if stats[p.name]["unreadable_lines"]:
             raise ValueError(f"{p}: {stats[p.name]['unreadable_lines']} evaluation line(s) are not JSON objects")
-    keys, owner_set, owner_item = _first_of_each(np.concatenate(all_keys), np.concatenate(sets), np.concatenate(items))
+    keys, owner_set, owner_item = _first_of_each(np.concatenate(all_keys), np.concatenate(sets), np.concatenate(items),
+                                              runs=True)
     return EvalIndex(keys, owner_set, owner_item, names, stats)
 
 
