@@ -145,6 +145,7 @@ def apply_keys(args: argparse.Namespace) -> None:
     args.pipeline_parallel = keys.parallel.pipeline_parallel
     args.virtual_pipeline_parallel = keys.parallel.virtual_pipeline_parallel
     args.dtype = keys.precision.dtype or default_dtype()
+    args.served = keys.served
 
 
 def build_backend(args: argparse.Namespace):
@@ -256,16 +257,15 @@ def run(args: argparse.Namespace) -> int:
     from clinmega.evaluation.scoring import run_strategy
     from clinmega.runtime import detect_world
 
+    if args.model_dir is not None and OVERRIDE.match(str(args.model_dir)):  # the optional positional took a key=value
+        args.overrides, args.model_dir = [str(args.model_dir), *args.overrides], None
     apply_keys(args)
 
     writer = detect_world().rank == 0  # multi-rank Megatron runs: every rank computes, rank 0 writes
     say = print if writer else (lambda *a, **k: None)
     # everything the user supplied is checked before a model loads (a bad benchmark file: one
     # BenchmarkFormatError listing every bad record; clinmega.cli reports it and exits 2)
-    if args.model_dir is not None and OVERRIDE.match(str(args.model_dir)):  # the optional positional took a key=value
-        args.overrides, args.model_dir = [str(args.model_dir), *args.overrides], None
     args.backend, args.model_dir = resolve_model(args.backend, args.model_dir)
-    args.served = config_from_args(args).served
     benchmarks = expand_benchmark_names([b.strip() for b in args.benchmarks.split(",") if b.strip()])
     strategies = strategies_from(args)
     data = {}
