@@ -81,7 +81,8 @@ _KNOWN = np.zeros(0x110000, dtype=bool)
 _IS_WORD[:128] = [_WORD.fullmatch(chr(c)) is not None for c in range(128)]
 _KNOWN[:128] = True
 _POWERS: dict[str, np.ndarray] = {}
-BATCH_CHARS = 1 << 21  # normalised characters hashed per vectorised batch
+BATCH_CHARS = 1 << 19  # characters hashed per vectorised batch (smaller ones stay in cache; per-batch costs bound it)
+SEGMENT_CUT = "\x00"  # joins the strings of one evaluation item: no n-gram spans it
 EVAL_PART_BYTES = 4 << 20  # smallest byte range of an evaluation file indexed by one worker
 
 
@@ -228,6 +229,8 @@ _FOLD_WORD = np.zeros(0x110000, dtype=bool)  # whether that folded code point is
 _KNOWN_FOLD = np.zeros(0x110000, dtype=bool)
 _FOLD_OK[:128] = _KNOWN_FOLD[:128] = True
 _FOLD_WORD[:128] = _IS_WORD[_FOLD[:128]]
+_ASCII_FOLD = _FOLD[:128].astype(np.uint8)  # the same tables for ASCII text read as bytes
+_ASCII_FOLD_WORD = _FOLD_WORD[:128].copy()
 
 
 def _learn_fold(new: np.ndarray) -> None:
@@ -248,6 +251,9 @@ def _folded_codepoints(joined: str) -> tuple[np.ndarray, np.ndarray | None]:
     """(code points of ``joined``, NFKC'd and lower-cased, and their \\w mask) in one table look-up each
     when every character of it folds alone (see ``_FOLD``): the common case; else (its raw code points,
     None)."""
+    if joined.isascii():  # the common case, one byte per character (CPython knows it without a scan)
+        raw8 = np.frombuffer(joined.encode("ascii"), dtype=np.uint8)
+        return np.take(_ASCII_FOLD, raw8), np.take(_ASCII_FOLD_WORD, raw8)
     raw = np.frombuffer(joined.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
     high = raw[raw >= 128]
     if high.size:
@@ -256,7 +262,7 @@ def _folded_codepoints(joined: str) -> tuple[np.ndarray, np.ndarray | None]:
             _learn_fold(np.asarray(sorted(set(new.tolist())), dtype=np.uint32))
         if not _FOLD_OK[high].all():
             return raw, None
-    return _FOLD[raw], _FOLD_WORD[raw]
+    return np.take(_FOLD, raw), np.take(_FOLD_WORD, raw)  # np.take: twice as fast as indexing here
 
 
 def _normalised_codepoints(texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
@@ -284,9 +290,21 @@ def _normalised_codepoints(texts: list[str]) -> tuple[np.ndarray, np.ndarray, np
     return lowered, raw_starts, None
 
 
-def batch_ngram_hashes(texts: list[str], n: int) -> tuple[np.ndarray, np.ndarray]:
+def _word_bounds(is_word: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(first position, one past the last) of each run of True in ``is_word``."""
+    w8 = is_word.view(np.int8)
+    change = np.flatnonzero(w8[1:] != w8[:-1]) + 1
+    if len(w8) and w8[0]:
+        change = np.concatenate([[0], change])
+    if len(w8) and w8[-1]:
+        change = np.concatenate([change, [len(w8)]])
+    return change[0::2], change[1::2]
+
+
+def batch_ngram_hashes(texts: list[str], n: int, segments: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """64-bit hashes of every ``n``-word window of each normalised text (no window spans two texts), and
-    the index of the text each comes from; vectorised over the whole batch.
+    the index of the text each comes from; vectorised over the whole batch. With ``segments``, no window
+    spans a ``SEGMENT_CUT`` character either (the fields of one evaluation item, joined by it).
 
     Normalisation (NFKC, then lower case) runs on the joined batch: NFKC only on its non-ASCII runs,
     lower case through a code-point table. A word's hash is the polynomial of its code points mod 2**64
@@ -301,25 +319,32 @@ def batch_ngram_hashes(texts: list[str], n: int) -> tuple[np.ndarray, np.ndarray
         return empty
     if is_word is None:
         is_word = _word_mask(cps)
-    edges = np.diff(is_word.view(np.int8), prepend=np.int8(0), append=np.int8(0))
-    starts = np.flatnonzero(edges == 1)
-    ends = np.flatnonzero(edges == -1)  # exclusive
-    if len(starts) < n:
+    starts, ends = _word_bounds(is_word)
+    w = len(starts)
+    if w < n:
         return empty
     ppow, qpow = _powers(len(cps))
     with np.errstate(over="ignore"):
-        prefix = np.multiply(cps, qpow)  # uint64
-        np.cumsum(prefix, out=prefix)
-        before = np.where(starts > 0, prefix[np.maximum(starts - 1, 0)], np.uint64(0))
-        words = _fmix64((prefix[ends - 1] - before) * ppow[ends - 1])
-    owner = np.searchsorted(text_starts, starts, side="right") - 1
-    m = len(words) - n + 1
-    acc = words[:m].copy()
-    with np.errstate(over="ignore"):
-        for j in range(1, n):
-            acc *= _PRIME
-            acc += words[j : j + m]
-    keep = owner[:m] == owner[n - 1 :]
+        prefix = np.empty(len(cps) + 1, dtype=np.uint64)  # prefix[i]: sum of cps[t] Q**t for t < i
+        prefix[0] = 0
+        np.multiply(cps, qpow, out=prefix[1:])
+        np.cumsum(prefix[1:], out=prefix[1:])
+        words = _fmix64((np.take(prefix, ends) - np.take(prefix, starts)) * np.take(ppow, ends - 1))
+        # the n-gram at word k is sum_j words[k+j] P**(n-1-j) = (S[k+n] - S[k]) P**(k+n-1), from the prefix
+        # sums S of words[t] Q**t (Q = 1/P mod 2**64): a few passes instead of n
+        sums = np.zeros(w + 1, dtype=np.uint64)
+        np.cumsum(words * qpow[:w], out=sums[1:])
+        acc = (sums[n:] - sums[:-n]) * ppow[n - 1 : w]
+    # texts are cut at a non-word character, so each text's words are a run of ``starts``
+    first = np.searchsorted(starts, text_starts)
+    owner = np.repeat(np.arange(len(text_starts), dtype=np.int64), np.diff(first, append=w))
+    m = w - n + 1
+    if segments:  # NFKC and lower case leave the cut character (a non-word starter) as it is
+        bounds = np.sort(np.concatenate([text_starts, np.flatnonzero(cps == ord(SEGMENT_CUT)) + 1]))
+        segment = np.repeat(np.arange(len(bounds)), np.diff(np.searchsorted(starts, bounds), append=w))
+        keep = segment[:m] == segment[n - 1 :]
+    else:
+        keep = owner[:m] == owner[n - 1 :]
     return acc[keep], owner[:m][keep]
 
 
@@ -348,36 +373,56 @@ class _ItemTexts:
         self.wanted = {f.lower() for f in fields}
         self.layouts: dict[tuple[str, ...], tuple[str, ...]] = {}
 
-    def __call__(self, record: dict[str, Any], out: list[str]) -> int:
-        """Append the record's strings to ``out``; returns their total length."""
+    def __call__(self, record: dict[str, Any]) -> str:
+        """The record's strings joined by ``SEGMENT_CUT`` (see ``batch_ngram_hashes``; one that holds the
+        cut character itself has it replaced by a space, which splits words and normalises the same)."""
         layout = tuple(record)
         keys = self.layouts.get(layout)
         if keys is None:
             keys = self.layouts[layout] = tuple(k for k in layout if k.lower() in self.wanted)
-        chars = 0
-        for k in keys:
-            v = record[k]
-            if type(v) is str:
-                out.append(v)
-                chars += len(v)
-            else:
-                for t in _field_texts(v):
-                    out.append(t)
-                    chars += len(t)
-        return chars
+        try:
+            strings = [record[k] for k in keys]
+            joined = SEGMENT_CUT.join(strings)
+        except TypeError:  # a list, a dict or a non-string among them (MedQA's options): walk them
+            strings = [t for k in keys for t in _field_texts(record[k])]
+            joined = SEGMENT_CUT.join(strings)
+        if joined.count(SEGMENT_CUT) != max(len(strings) - 1, 0):
+            joined = SEGMENT_CUT.join(t.replace(SEGMENT_CUT, " ") for t in strings)
+        return joined
 
 
 @dataclass
 class EvalIndex:
-    """Sorted unique n-gram hashes of all evaluation sets, each with the first (set, item) owning it."""
+    """Sorted unique n-gram hashes of all evaluation sets; ``owners`` gives the first (set, item) holding one.
+
+    ``parts`` are the indexed byte ranges of the evaluation files in file order, each with its sorted
+    unique keys and the (absolute) line first holding each: owners are looked up there only for the few
+    keys a training document shares, so building the index merges keys only."""
 
     keys: np.ndarray  # uint64, sorted
-    owner_set: np.ndarray  # int32 index into names
-    owner_item: np.ndarray  # int64 line number in that set's file
+    parts: list[tuple[int, np.ndarray, np.ndarray]]  # (set index into names, sorted keys, first line of each)
     names: list[str]
     stats: dict[str, dict[str, Any]]
     _bitmap: np.ndarray | None = None
     _shift: np.uint64 = np.uint64(0)
+
+    def owners(self, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(set index, line) of the first evaluation item holding each of the keys at positions ``pos``."""
+        wanted = np.take(self.keys, pos)
+        sets = np.full(len(wanted), -1, dtype=np.int32)
+        items = np.zeros(len(wanted), dtype=np.int64)
+        todo = np.arange(len(wanted))
+        for set_index, part_keys, part_lines in self.parts:
+            if not todo.size:
+                break
+            if not len(part_keys):
+                continue
+            at = np.minimum(np.searchsorted(part_keys, wanted[todo]), len(part_keys) - 1)
+            hit = part_keys[at] == wanted[todo]
+            sets[todo[hit]] = set_index
+            items[todo[hit]] = part_lines[at[hit]]
+            todo = todo[~hit]
+        return sets, items
 
     def lookup(self, hashes: np.ndarray) -> np.ndarray:
         """Positions in ``keys`` of the distinct ``hashes`` that occur in the evaluation sets."""
@@ -388,9 +433,14 @@ class EvalIndex:
         if self._bitmap is None and len(self.keys):
             bits = int(min(32, max(16, int(np.ceil(np.log2(64 * len(self.keys)))))))
             self._shift = np.uint64(64 - bits)
-            top = self.keys >> self._shift
+            top = self.keys >> self._shift  # sorted, since the keys are
+            top = top[np.concatenate([[True], top[1:] != top[:-1]])]
+            byte = top >> np.uint64(3)
+            first = np.flatnonzero(np.concatenate([[True], byte[1:] != byte[:-1]]))
+            bit = np.left_shift(np.uint8(1), (top & np.uint64(7)).astype(np.uint8))
             self._bitmap = np.zeros(1 << (bits - 3), dtype=np.uint8)
-            np.bitwise_or.at(self._bitmap, top >> np.uint64(3), np.left_shift(1, (top & np.uint64(7)).astype(np.uint8)))
+            # distinct bits of one byte: their sum is their OR (np.bitwise_or.at is ~10x slower)
+            self._bitmap[byte[first]] = np.add.reduceat(bit, first, dtype=np.uint8)
 
     def positions(self, hashes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(indices into ``hashes``, positions in ``keys``) of the hashes that occur in the evaluation sets.
@@ -402,9 +452,13 @@ class EvalIndex:
             return none, none
         self.prefilter()
         top = hashes >> self._shift
-        maybe = np.flatnonzero((self._bitmap[top >> np.uint64(3)] >> (top & np.uint64(7)).astype(np.uint8)) & 1)
-        pos = np.minimum(np.searchsorted(self.keys, hashes[maybe]), len(self.keys) - 1)
-        found = self.keys[pos] == hashes[maybe]
+        bits = np.take(self._bitmap, top >> np.uint64(3)) >> (top & np.uint64(7)).astype(np.uint8)
+        maybe = np.flatnonzero(bits & np.uint8(1))
+        wanted = hashes[maybe]
+        by_value = np.argsort(wanted)  # numpy's binary search is ~10x faster on sorted needles
+        maybe, wanted = maybe[by_value], wanted[by_value]
+        pos = np.minimum(np.searchsorted(self.keys, wanted), len(self.keys) - 1)
+        found = np.take(self.keys, pos) == wanted
         return maybe[found], pos[found]
 
 
@@ -479,7 +533,7 @@ def _index_part(part: _EvalPart) -> tuple[np.ndarray, np.ndarray, dict[str, int]
     text_items: list[int] = []
 
     def flush() -> None:
-        h, owner = batch_ngram_hashes(texts, part.n)
+        h, owner = batch_ngram_hashes(texts, part.n, segments=True)
         line_of = np.asarray(text_items, dtype=np.int64)[owner]
         st["ngrams"] += len(h)
         if len(line_of):  # line_of never decreases: count its distinct values (np.unique hashes, slowly)
@@ -498,10 +552,11 @@ def _index_part(part: _EvalPart) -> tuple[np.ndarray, np.ndarray, dict[str, int]
             st["unreadable_lines"] += 1
             continue
         st["items"] += 1
-        before = len(texts)
-        chars += item_texts(obj, texts)
-        text_items.extend([line_no] * (len(texts) - before))
-        if chars >= BATCH_CHARS:  # an item's texts never straddle two batches
+        text = item_texts(obj)
+        texts.append(text)
+        text_items.append(line_no)
+        chars += len(text)
+        if chars >= BATCH_CHARS:
             flush()
             chars = 0
     if texts:
@@ -513,25 +568,33 @@ def _index_part(part: _EvalPart) -> tuple[np.ndarray, np.ndarray, dict[str, int]
 def _stable_key_order(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(``np.argsort(keys, kind="stable")``, the sorted keys) for uint64 ``keys``, faster: the positions
     are first put in the low bits of the keys and sorted with ``np.sort`` (vectorised, unlike argsort),
-    which orders them by the keys' high bits and then by position; a stable argsort of that nearly sorted
-    result (runs of equal high bits holding distinct keys are rare for hashes) puts them in exact order."""
+    which orders them by the keys' high bits and then by position. Only a run of equal high bits that
+    holds distinct keys can then be out of order (rare for hashes: each such run is put in order alone;
+    many of them, a stable argsort of the whole nearly sorted result)."""
     bits = max(1, int(len(keys) - 1).bit_length())
     low = np.uint64((1 << bits) - 1)
     packed = np.sort((keys & ~low) | np.arange(len(keys), dtype=np.uint64))
     order = (packed & low).astype(np.int64)
-    near = keys[order]
-    fix = np.argsort(near, kind="stable")
-    return order[fix], near[fix]
+    near = np.take(keys, order)
+    descents = np.flatnonzero(near[1:] < near[:-1])
+    if len(descents) > _MAX_LOCAL_FIXES:
+        fix = np.argsort(near, kind="stable")
+        return order[fix], near[fix]
+    if len(descents):
+        high = packed >> np.uint64(bits)  # sorted
+        for h in np.unique(high[descents]).tolist():
+            a, b = np.searchsorted(high, np.array([h, h + 1], dtype=np.uint64))  # h < 2**63: bits >= 1
+            fix = np.argsort(near[a:b], kind="stable")
+            order[a:b], near[a:b] = order[a:b][fix], near[a:b][fix]
+    return order, near
 
 
-def _first_of_each(keys: np.ndarray, *payload: np.ndarray, runs: bool = False) -> tuple[np.ndarray, ...]:
-    """``keys`` sorted and made unique, each with the payload of its first occurrence; ``runs``: ``keys``
-    are a few sorted runs (the parts' results), which numpy's stable argsort merges fastest."""
-    if runs:
-        order = np.argsort(keys, kind="stable")
-        keys = keys[order]
-    else:
-        order, keys = _stable_key_order(keys)
+_MAX_LOCAL_FIXES = 4096  # out-of-order runs of equal high bits mended one by one (above: one argsort)
+
+
+def _first_of_each(keys: np.ndarray, *payload: np.ndarray) -> tuple[np.ndarray, ...]:
+    """``keys`` sorted and made unique, each with the payload of its first occurrence."""
+    order, keys = _stable_key_order(keys)
     first = np.concatenate([[True], keys[1:] != keys[:-1]]) if len(keys) else np.zeros(0, bool)
     at = order[first]
     return (keys[first], *(p[at] for p in payload))
@@ -545,7 +608,7 @@ def build_eval_index(paths: list[Path], fields: list[str], n: int, workers: int 
     names = [p.name for p in paths]
     stats = {p.name: {"path": str(p), "items": 0, "items_too_short": 0, "ngrams": 0, "unreadable_lines": 0}
              for p in paths}
-    all_keys, sets, items = [], [], []
+    all_keys, owned = [], []
     line_offset = 0
     for i, (part, (keys, lines, st)) in enumerate(zip(parts, results)):
         agg = stats[part.path.name]
@@ -553,16 +616,15 @@ def build_eval_index(paths: list[Path], fields: list[str], n: int, workers: int 
             agg[k] += st[k]
         agg["items_too_short"] += st["items"] - st["items_with_ngrams"]
         all_keys.append(keys)
-        sets.append(np.full(len(keys), part.set_index, dtype=np.int32))
-        items.append(lines + line_offset)
+        owned.append((part.set_index, keys, lines + line_offset))
         last_of_file = i + 1 == len(parts) or parts[i + 1].set_index != part.set_index
         line_offset = 0 if last_of_file else line_offset + st["lines"]
     for p in paths:
         if stats[p.name]["unreadable_lines"]:
             raise ValueError(f"{p}: {stats[p.name]['unreadable_lines']} evaluation line(s) are not JSON objects")
-    keys, owner_set, owner_item = _first_of_each(np.concatenate(all_keys), np.concatenate(sets), np.concatenate(items),
-                                              runs=True)
-    return EvalIndex(keys, owner_set, owner_item, names, stats)
+    merged = np.sort(np.concatenate(all_keys), kind="stable")  # the parts are sorted runs: this merges them
+    keys = merged[np.concatenate([[True], merged[1:] != merged[:-1]])] if len(merged) else merged
+    return EvalIndex(keys, owned, names, stats)
 
 
 @dataclass
@@ -625,28 +687,32 @@ def _scan_chunk(task: _Task) -> tuple[FileStats, dict[str, int], list[dict[str, 
     def flush(out) -> None:
         hashes, owner = batch_ngram_hashes(texts, cfg.ngram)
         at, pos = index.positions(hashes)
-        hits_of: dict[int, np.ndarray] = {}
+        hits_of: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # document -> (sets, items) of its distinct hits
         if len(at):
             doc = np.asarray(text_line, dtype=np.int64)[owner[at]]
-            pairs = np.unique(np.stack([doc, pos.astype(np.int64)], axis=1), axis=0)
-            for d in np.unique(pairs[:, 0]).tolist():
-                hits_of[d] = pairs[pairs[:, 0] == d, 1]
+            pairs = np.unique(np.stack([doc, pos.astype(np.int64)], axis=1), axis=0)  # sorted by document
+            hit_sets, hit_items = index.owners(pairs[:, 1])
+            cut = np.flatnonzero(np.diff(pairs[:, 0])) + 1
+            for d, a, b in zip(pairs[np.concatenate([[0], cut]), 0].tolist(), [0, *cut.tolist()],
+                               [*cut.tolist(), len(pairs)]):
+                hits_of[d] = hit_sets[a:b], hit_items[a:b]
         for i, (line_no, raw) in enumerate(lines):
             hits = hits_of.get(i)
-            if hits is not None and len(hits) >= cfg.min_matches:
-                sets = sorted({index.names[s] for s in index.owner_set[hits].tolist()})
+            if hits is not None and len(hits[0]) >= cfg.min_matches:
+                hit_sets, hit_items = hits
+                sets = sorted({index.names[s] for s in hit_sets.tolist()})
                 flagged.append(
                     {
                         "line": line_no,
-                        "matched_ngrams": int(len(hits)),
+                        "matched_ngrams": int(len(hit_sets)),
                         "eval_sets": sets,
                         "eval_items": sorted(
-                            {(index.names[s], int(it)) for s, it in zip(index.owner_set[hits], index.owner_item[hits])}
+                            {(index.names[s], it) for s, it in zip(hit_sets.tolist(), hit_items.tolist())}
                         )[:5],
                     }
                 )
                 if cfg.mode == "remove":
-                    stats.skip(line_no, "contaminated", f"{len(hits)} n-grams shared with {', '.join(sets)}")
+                    stats.skip(line_no, "contaminated", f"{len(hit_sets)} n-grams shared with {', '.join(sets)}")
                     continue
             stats.documents_written += 1
             if out is not None:
