@@ -210,3 +210,42 @@ def test_one_lookup_fold_of_simple_characters_equals_the_reference():
     h, owner = batch_ngram_hashes(texts, 2)
     for i, t in enumerate(texts):
         assert h[owner == i].tolist() == _ref_hashes(t, 2), t
+
+
+def test_item_fields_never_share_an_ngram_and_a_literal_cut_character_is_text(tmp_path):
+    """An item's strings are hashed as one text cut at NUL: no n-gram spans two fields, every n-gram of
+    each field is there, and a NUL written in a field (JSON \\u0000) separates words like a space."""
+    from clinmega.data import decontam
+
+    n = 3
+    items = [{"question": "alpha beta gamma delta", "opa": "epsilon zeta", "opb": "eta theta iota"},
+             {"question": "one two\u0000three four", "options": ["five six", "seven\u0000eight nine"]},
+             {"question": "a b", "opa": "c d"}]  # no field of n words: no n-gram across the fields either
+    write_jsonl(tmp_path / "eval.jsonl", items)
+    idx = decontam.build_eval_index([tmp_path / "eval.jsonl"], ["question", "options", "opa", "opb"], n)
+    want = set()
+    for it in items:
+        for v in it.values():
+            for t in (v if isinstance(v, list) else [v]):
+                want |= {ngram_hashes(" ".join(g), n)[0].item() for g in _ref_ngram_list(t.replace("\0", " "), n)}
+    assert set(idx.keys.tolist()) == want
+    assert ngram_hashes("gamma delta epsilon", n)[0].item() not in want  # across two fields
+    assert idx.stats["eval.jsonl"]["items_too_short"] == 1
+
+
+def test_prefilter_bitmap_holds_exactly_the_keys_top_bits():
+    """The bitmap built from sorted keys (distinct bits of a byte summed) equals one built bit by bit."""
+    from clinmega.data.decontam import EvalIndex
+
+    rng = np.random.default_rng(1)
+    for size in (1, 7, 5000):
+        keys = np.unique(rng.integers(0, 2**64 - 1, size, dtype=np.uint64, endpoint=True))
+        keys[: len(keys) // 3] = keys[: len(keys) // 3] & np.uint64(0xFFFF000000000000)  # shared bytes and bits
+        keys = np.unique(keys)
+        index = EvalIndex(keys, [], [], {})
+        index.prefilter()
+        want = np.zeros_like(index._bitmap)
+        top = (keys >> index._shift).tolist()
+        for t in top:
+            want[t >> 3] |= 1 << (t & 7)
+        assert (index._bitmap == want).all()

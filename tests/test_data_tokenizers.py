@@ -53,3 +53,28 @@ def test_sentencepiece_backend_and_path_spec_agree():
 def test_unknown_spec_names_itself(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope"):
         load_tokenizer(tmp_path / "nope")
+
+
+def test_gigatoken_conversion_is_kept_and_a_damaged_copy_is_rebuilt(tmp_path, monkeypatch):
+    """The converted tokenizer is stored once per model and reused; a truncated copy is converted again
+    (and replaced), with ids equal to sentencepiece's either way."""
+    pytest.importorskip("gigatoken")
+    from clinmega.data import tokenizers
+
+    monkeypatch.setenv("CLINMEGA_CACHE_DIR", str(tmp_path))
+    model = tokenizers.mistral_common_model_path("mistral-v1")
+    cached = tokenizers._converted_cache_path(model.read_bytes())
+    assert not cached.exists()
+    text = "The patient, 45yo M, Rx: furosemide 40 mg IV b.i.d. — naïve µg"
+    want = tokenizers.load_tokenizer("mistral-v1", backend="sentencepiece").encode(text)
+    assert tokenizers.load_tokenizer("mistral-v1", backend="gigatoken").encode(text) == want
+    assert cached.read_text() == tokenizers._GigatokenBackend.convert(model.read_bytes())
+    calls = []
+    monkeypatch.setattr(tokenizers._GigatokenBackend, "convert", staticmethod(lambda d: calls.append(1) or ""))
+    assert tokenizers.load_tokenizer("mistral-v1", backend="gigatoken").encode(text) == want  # read, not converted
+    assert not calls
+    monkeypatch.undo()
+    monkeypatch.setenv("CLINMEGA_CACHE_DIR", str(tmp_path))
+    cached.write_text(cached.read_text()[:1000])
+    assert tokenizers.load_tokenizer("mistral-v1", backend="gigatoken").encode(text) == want
+    assert cached.read_text() == tokenizers._GigatokenBackend.convert(model.read_bytes())

@@ -103,6 +103,7 @@ class DecontamConfig:
     mode: str = "remove"  # "remove" | "report"
     workers: int = 2
     chunk_mb: float = 64.0  # input bytes per worker task (MiB)
+    index_cache: str | None = None  # folder keeping evaluation indexes for later runs and shards (content-keyed)
     shard: str | None = None  # "i/N": scan only shard i of N (0-based); writes <output_dir>-0000i-of-0000N/
     strict: bool = False  # damaged input files: still written up to each break, but the run fails (exit 2)
     overwrite: bool = False

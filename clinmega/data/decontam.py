@@ -403,6 +403,7 @@ class EvalIndex:
     parts: list[tuple[int, np.ndarray, np.ndarray]]  # (set index into names, sorted keys, first line of each)
     names: list[str]
     stats: dict[str, dict[str, Any]]
+    source: str = "built"  # or where the cache entry it was read from is
     _bitmap: np.ndarray | None = None
     _shift: np.uint64 = np.uint64(0)
 
@@ -639,15 +640,58 @@ _INDEXES: dict[tuple, EvalIndex] = {}  # built once per process; forked workers 
 
 def eval_index_for(cfg: DecontamConfig) -> EvalIndex:
     """The evaluation index for ``cfg``, cached per process (keyed by the eval files with their size and
-    mtime, the fields and n)."""
+    mtime, the fields and n) and, with ``cfg.index_cache``, on disk (see ``cached_eval_index``)."""
     paths = expand_inputs(cfg.eval_sets)
     files = tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in paths)
-    key = (files, tuple(cfg.eval_fields), cfg.ngram)
+    key = (files, tuple(cfg.eval_fields), cfg.ngram, cfg.index_cache)
     if key not in _INDEXES:
         _INDEXES.clear()  # one index at a time: they can be large
-        _INDEXES[key] = build_eval_index(paths, cfg.eval_fields, cfg.ngram, cfg.workers)
+        if cfg.index_cache:
+            _INDEXES[key] = cached_eval_index(cfg.index_cache, paths, cfg.eval_fields, cfg.ngram, cfg.workers)
+        else:
+            _INDEXES[key] = build_eval_index(paths, cfg.eval_fields, cfg.ngram, cfg.workers)
         _INDEXES[key].prefilter()  # before any fork: workers share it
     return _INDEXES[key]
+
+
+INDEX_FORMAT = 1  # bump when the hashing, the normalisation or the stored layout changes
+
+
+def cached_eval_index(root: str, paths: list[Path], fields: list[str], n: int, workers: int = 1) -> EvalIndex:
+    """``build_eval_index`` through the on-disk cache ``root`` (``clinmega.data.array_cache``): an entry is
+    keyed by the evaluation files' paths and bytes, the fields, n and ``INDEX_FORMAT``; its arrays are
+    memory-mapped, so shard jobs and repeated runs against the same evaluation sets skip the build and
+    share the pages. A damaged entry is reported, rebuilt and replaced."""
+    from clinmega.data import array_cache
+
+    key = array_cache.content_key("decontam-eval-index", INDEX_FORMAT, n, sorted({f.lower() for f in fields}),
+                                  [str(p) for p in paths], files=paths)
+    found = array_cache.load(root, key)
+    if not isinstance(found, str):
+        arrays, meta = found
+        bounds, sets = arrays["part_bounds"].tolist(), arrays["part_sets"].tolist()
+        parts = [(s, arrays["part_keys"][a:b], arrays["part_lines"][a:b]) for s, a, b in zip(sets, bounds, bounds[1:])]
+        index = EvalIndex(arrays["keys"], parts, meta["names"], meta["stats"], source=f"cache {Path(root) / key}")
+        if meta["shift"] is not None:
+            index._bitmap, index._shift = arrays["bitmap"], np.uint64(meta["shift"])
+        return index
+    if found != "absent":
+        logging.getLogger(__name__).warning("evaluation index cache unusable, rebuilding it: %s", found)
+    index = build_eval_index(paths, fields, n, workers)
+    index.prefilter()
+    part_keys = [k for _, k, _ in index.parts]
+    arrays = {
+        "keys": index.keys,
+        "bitmap": index._bitmap if index._bitmap is not None else np.zeros(0, np.uint8),
+        "part_keys": np.concatenate(part_keys) if part_keys else np.zeros(0, np.uint64),
+        "part_lines": np.concatenate([l for _, _, l in index.parts]) if part_keys else np.zeros(0, np.int64),
+        "part_bounds": np.concatenate([[0], np.cumsum([len(k) for k in part_keys], dtype=np.int64)]),
+        "part_sets": np.asarray([s for s, _, _ in index.parts], dtype=np.int32),
+    }
+    meta = {"names": index.names, "stats": index.stats, "n": n, "fields": list(fields),
+            "shift": int(index._shift) if index._bitmap is not None else None}
+    index.source = f"built, stored in {array_cache.store(root, key, arrays, meta)}"
+    return index
 
 
 def _line_texts(raw: bytes, keys: list[str], field: str) -> tuple[list[str], str | None]:
@@ -791,6 +835,7 @@ def decontaminate(cfg: DecontamConfig) -> dict[str, Any]:
             files,
             eval_sets=per_set,
             eval_ngrams_unique=int(len(index.keys)),
+            eval_index=index.source,
             documents_flagged=len(flagged_lines),
             unchecked_lines_passed_through=unchecked,
             outputs=outputs,

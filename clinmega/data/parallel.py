@@ -17,7 +17,22 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
+class _NoProgress:
+    """What ``_progress`` returns when the bar is off: rich is not even imported (start-up time)."""
+
+    def __enter__(self) -> "_NoProgress":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def advance(self, task_id: object, amount: float) -> None:
+        return None
+
+
 def _progress(description: str, total: float, enabled: bool):
+    if not enabled:
+        return _NoProgress(), None
     from rich.progress import (
         BarColumn,
         Progress,

@@ -17,6 +17,7 @@ ever inserted by code (BOS/EOD/templates), never parsed from data.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
@@ -28,6 +29,9 @@ from pathlib import Path
 from typing import Any, Protocol, Sequence
 
 import numpy as np
+
+from clinmega.utils.atomic import write_text_atomic
+from clinmega.utils.user_cache import user_cache_dir
 
 MISTRAL_SHORTHANDS = {
     "mistral-v1": "tokenizer.model.v1",
@@ -84,13 +88,24 @@ def _sha256(paths: Sequence[Path]) -> str:
     return h.hexdigest()
 
 
+def _converted_cache_path(model: bytes) -> Path:
+    """Where the gigatoken conversion of the SentencePiece model ``model`` is kept (``user_cache_dir``)."""
+    from importlib.metadata import version
+
+    digest = hashlib.sha256(model).hexdigest()[:32]
+    return user_cache_dir() / "tokenizers" / f"gigatoken-{version('gigatoken')}-{digest}.json"
+
+
 def mistral_common_model_path(shorthand: str) -> Path:
     """Path of a tokenizer model file shipped inside the installed ``mistral-common`` package."""
-    import mistral_common
+    from importlib.util import find_spec
 
     if shorthand not in MISTRAL_SHORTHANDS:
         raise ValueError(f"unknown tokenizer shorthand {shorthand!r}; known: {sorted(MISTRAL_SHORTHANDS)}")
-    path = Path(mistral_common.__file__).parent / "data" / MISTRAL_SHORTHANDS[shorthand]
+    spec = find_spec("mistral_common")  # its location only: importing it costs start-up time
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"{shorthand}: the mistral-common package is not installed")
+    path = Path(list(spec.submodule_search_locations)[0]) / "data" / MISTRAL_SHORTHANDS[shorthand]
     if not path.is_file():
         raise FileNotFoundError(f"{shorthand}: expected {path} inside the installed mistral-common package")
     return path
@@ -112,11 +127,27 @@ class _GigatokenBackend:
 
     def __init__(self, model_path: Path) -> None:
         import gigatoken
+
+        data = model_path.read_bytes()
+        cached = _converted_cache_path(data)
+        try:  # the conversion is pure Python (~0.5 s a start): its result is kept per model and version
+            self.tok = gigatoken.Tokenizer.from_json(cached.read_text(encoding="utf-8"))
+            return
+        except Exception:  # absent, unreadable or damaged (the probe texts check the result in any case)
+            pass
+        text = self.convert(data)
+        self.tok = gigatoken.Tokenizer.from_json(text)
+        with contextlib.suppress(OSError):
+            write_text_atomic(cached, text)
+
+    @staticmethod
+    def convert(data: bytes) -> str:
+        """The tokenizer JSON gigatoken loads for the SentencePiece model ``data``, control pieces removed."""
         from gigatoken._load.sentencepiece import sentencepiece_to_tokenizer_json
 
-        spec = json.loads(sentencepiece_to_tokenizer_json(model_path.read_bytes()))
+        spec = json.loads(sentencepiece_to_tokenizer_json(data))
         spec["added_tokens"] = []
-        self.tok = gigatoken.Tokenizer.from_json(json.dumps(spec))
+        return json.dumps(spec)
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         # Sequential in-process: parallelism comes from our worker processes, not rayon threads.
