@@ -3,11 +3,14 @@ evaluation sets (MedQA / MedMCQA / PubMedQA / MMLU-style JSONL).
 
 Text is normalised (Unicode NFKC, lower case, words = runs of ``\\w``); every word gets a 64-bit
 hash (polynomial of its code points, mixed) and every n-gram (default 13 words) a 64-bit polynomial hash
-of its words, all computed vectorised with numpy over batches of ~2M characters (no per-word Python;
-NFKC and lower case go through per-code-point tables, strings only for the rare runs whose
-normalisation depends on their neighbours). The evaluation side is hashed on the worker processes in
-line-aligned byte ranges and becomes one sorted ``uint64`` array plus a bitmap prefilter (tens of MB for
-hundreds of thousands of questions), shared by the forked scanning workers; training files are streamed in
+of its words, all computed vectorised with numpy over batches of ~0.5M characters (no per-word Python;
+NFKC and lower case go through per-code-point tables, one byte per character for ASCII batches, strings
+only for the rare runs whose normalisation depends on their neighbours). The evaluation side is hashed on
+the worker processes in line-aligned byte ranges (an item's fields as one text cut at NUL) and becomes
+one sorted ``uint64`` array plus a bitmap prefilter (tens to hundreds of MB for hundreds of thousands of
+questions), shared by the forked scanning workers, optionally kept on disk for later runs
+(``index_cache``); which evaluation item first holds an n-gram is looked up only for the n-grams a
+training document shares. Training files are streamed in
 byte-range chunks and batches, so memory does not grow with the corpus. A document is flagged when it contains at
 least ``min_matches`` distinct evaluation n-grams.
 
