@@ -21,22 +21,26 @@ prints the ratios, and checks on sampled documents that the written ids equal ``
     python benchmarks/bench_prepare.py [--corpus FILE [--text-field text]] [--mb 200] [--generator long-tail|zipf]
                                        [--workers 2] [--keep DIR]
 
-``--side-by-side-only [--megatron-lm DIR] [--eval-questions 250000] [--skip NAME]``: instead, one table of
-fresh processes on the same corpus (field ``text``) and cores — Megatron-LM's ``tools/preprocess_data.py``
+``--side-by-side-only [--megatron-lm DIR] [--eval-scale 1.0] [--skip NAME]``: instead, one table of fresh
+processes on the same corpus (field ``text``) and cores — Megatron-LM's ``tools/preprocess_data.py``
 (``--workers N``) and ``tools/preprocess_data_fast.py --use-gigatoken`` (run from a source tree: Megatron-LM
 is not on PyPI, see ``MEGATRON_HOWTO``), ``clinmega prepare pretrain`` and ``clinmega decontaminate``
-(13-grams against a generated MedMCQA-sized evaluation set of ``--eval-questions`` items), plus the raw
-gigatoken ceiling (the texts already in memory, encode only). Each row: wall, start-up (the same command
-on a one-document corpus), work time and rate without it by wall and by CPU seconds of the process tree,
-peak RSS/PSS summed over the process tree (parent + workers, sampled every 0.1 s) and of its largest
-process, ratios to preprocess_data_fast.py and to prepare, the load average; then the ids check (clinmega
-minus its BOS equals each Megatron-LM output on every document; sampled documents equal sentencepiece).
+(13-grams against generated evaluation sets in their release layouts, with the published lengths and the
+published sizes times ``--eval-scale``: MedMCQA 193,155 + MedQA 12,723 + PubMedQA 1,000 + MMLU clinical
+subsets 1,242 = 208,120 questions, see ``make_eval_sets``; run twice with ``--index-cache``: building the
+evaluation index, then reusing it), plus the raw gigatoken ceiling (the texts already in memory, encode
+only). Each row: wall, start-up (the same command on a one-document corpus and a one-question evaluation
+file, no index cache), work time and rate without it by wall and by CPU seconds of the process tree, peak
+RSS/PSS summed over the process tree (parent + workers, sampled every 0.1 s) and of its largest process,
+ratios to preprocess_data_fast.py and to prepare, the load average; then the ids check (clinmega minus its
+BOS equals each Megatron-LM output on every document; sampled documents equal sentencepiece).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import multiprocessing as mp
 import os
@@ -50,6 +54,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -363,28 +368,205 @@ def hf_tokenizer_dir(root: Path) -> Path:
     return d
 
 
-def make_eval_set(path: Path, corpus: Path, questions: int, planted: int = 50, seed: int = 0) -> None:
-    """``questions`` MedMCQA-sized items (question + 4 options) drawn from the corpus' vocabulary, the first
-    ``planted`` of them copied from corpus documents (so some training documents are contaminated)."""
-    rng = random.Random(seed)
+# The evaluation sets decontaminate is run against in the side-by-side table: the public sets clinmega evaluates
+# on, at their published sizes (MMLU: the dataset card's) and lengths in whitespace words. (set, split, items,
+# mean question words, mean option words); sources and layouts in make_eval_sets' docstring.
+MEDMCQA_SPLITS = (("train", 182_822, 12.77), ("dev", 4_183, 14.09), ("test", 6_150, 9.93))
+MEDMCQA_OPTION_WORDS, MEDMCQA_EXP_WORDS = 2.7, 66.2
+MEDQA_SPLITS = (("train", 10_178), ("dev", 1_272), ("test", 1_273))
+MEDQA_QUESTION_WORDS, MEDQA_OPTION_WORDS = 116.6, 3.5
+PUBMEDQA_ITEMS, PUBMEDQA_QUESTION_WORDS, PUBMEDQA_CONTEXT_WORDS, PUBMEDQA_LONG_ANSWER_WORDS = 1_000, 14.4, 238.9, 43.2
+# subject: (test, validation, dev items; question words, option words). The counts are the cais/mmlu dataset card's
+# num_examples; the lengths are estimates from its num_bytes per test item (about 6.3 characters per word, less
+# ~32 bytes of Arrow overhead, about 4 words per option), not published statistics.
+MMLU_SUBJECTS = {
+    "anatomy": (135, 14, 5, 18, 4),
+    "clinical_knowledge": (265, 29, 5, 17, 4),
+    "college_biology": (144, 16, 5, 33, 4),
+    "college_medicine": (173, 22, 5, 54, 4),
+    "medical_genetics": (100, 11, 5, 14, 3.5),
+    "professional_medicine": (272, 31, 5, 110, 3),
+}
+PUBMEDQA_LABELS = ("BACKGROUND", "OBJECTIVE", "METHODS", "RESULTS", "PURPOSE", "DESIGN", "SETTING", "PATIENTS")
+
+
+def _scaled(n: int, scale: float) -> int:
+    return max(1, round(n * scale))
+
+
+def _lognormal_lengths(rng: np.random.Generator, n: int, mean: float, sigma: float) -> np.ndarray:
+    """``n`` word counts >= 1 with the given mean, spread like real text lengths (log-normal)."""
+    return np.maximum(1, np.rint(mean * rng.lognormal(-sigma * sigma / 2, sigma, n))).astype(np.int64)
+
+
+def _short_lengths(rng: np.random.Generator, n: int, mean: float) -> np.ndarray:
+    """``n`` word counts >= 1 with the given mean (1 + Poisson): answer options."""
+    return 1 + rng.poisson(mean - 1, n)
+
+
+class _Words:
+    """Texts of given word counts drawn from a vocabulary, all words of a batch gathered at once."""
+
+    def __init__(self, vocab: list[str], rng: np.random.Generator) -> None:
+        self.vocab, self.rng = np.array(vocab, dtype=object), rng
+
+    def texts(self, lengths: np.ndarray) -> list[str]:
+        words = self.vocab[self.rng.integers(0, len(self.vocab), int(lengths.sum()))].tolist()
+        ends = np.cumsum(lengths).tolist()
+        return [" ".join(words[a:b]) for a, b in zip([0, *ends[:-1]], ends)]
+
+
+def make_eval_sets(root: Path, corpus: Path, scale: float = 1.0, seed: int = 0) -> list[tuple[Path, dict]]:
+    """Write the four evaluation files of the side-by-side table under ``root``, at ``scale`` times the published
+    sizes, in the layouts of the public releases (which ``clinmega decontaminate`` and
+    :func:`clinmega.benchmark_files.load_file` read), words drawn from the first corpus documents' vocabulary;
+    some items hold a 30-word passage copied from a corpus document (so some training documents are
+    contaminated): 50 MedMCQA questions, 10 MedQA questions, 10 PubMedQA contexts, 5 MMLU questions.
+    Returns (path, realised statistics) per file.
+
+    * ``medmcqa.jsonl`` -- MedMCQA (Pal, Umapathi, Sankarasubbu, CHIL 2022, Table 2): train 182,822 + dev 4,183
+      + test 6,150 = 193,155 questions in one file, questions 12.77 / 14.09 / 9.93 words on average per split,
+      options 2.7, explanations 66.2. Layout of the GitHub release: ``{"id", "question", "opa".."opd", "cop":
+      1-4, "exp"}``; ``exp`` is not among decontaminate's default fields (not indexed) but is parsed, as in
+      the real files (which also hold subject/topic names, left out here; every row has an answer and an
+      explanation, where the real test split hides them).
+    * ``medqa.jsonl`` -- MedQA USMLE 4-option (Jin et al., Applied Sciences 2021, Table 2): train 10,178 + dev
+      1,272 + test 1,273 = 12,723 questions, 116.6 words per question, 3.5 per option. Layout of jind11/MedQA
+      ``US/4_options``: ``{"question", "answer", "options": {"A".."D"}, "meta_info", "answer_idx"}`` (the
+      release's ``metamap_phrases`` lists are left out; they are not indexed).
+    * ``pubmedqa.jsonl`` -- PubMedQA PQA-L (Jin et al., EMNLP 2019, Table 1): 1,000 items, questions 14.4 words,
+      contexts (the abstract without its conclusion) 238.9 words in 2-5 labelled sections, long answers 43.2.
+      Layout of the HF ``pubmed_qa`` pqa_labeled rows: ``{"pubid", "question", "context": {"contexts": [...],
+      "labels": [...]}, "long_answer", "final_decision"}``; decontaminate walks the whole ``context`` object
+      (section texts and labels), not ``long_answer``.
+    * ``mmlu_clinical.jsonl`` -- the MMLU subsets MultiMedQA uses (Hendrycks et al., ICLR 2021; counts from the
+      cais/mmlu dataset card): anatomy, clinical_knowledge, college_biology, college_medicine,
+      medical_genetics, professional_medicine, test + validation + dev = 1,242 questions; the lengths are
+      estimates (see ``MMLU_SUBJECTS``). Layout of cais/mmlu rows as JSON lines: ``{"question", "subject",
+      "choices": [4], "answer": 0-3}``.
+    """
+    if scale <= 0:
+        raise ValueError(f"--eval-scale must be > 0, got {scale}")
+    rng = np.random.default_rng(seed)
     with open(corpus, encoding="utf-8") as f:
         docs = [json.loads(line)["text"] for _, line in zip(range(2000), f)]
-    vocab = [w for d in docs[:200] for w in d.split()]
-    with open(path, "w", encoding="utf-8") as f:
-        for i in range(questions):
-            if i < planted:
-                words = docs[i * 7 % len(docs)].split()
-                a = rng.randrange(max(1, len(words) - 30))
-                q = " ".join(words[a : a + 30])
-            else:
-                q = " ".join(rng.choices(vocab, k=rng.randint(15, 60)))
-            opts = [" ".join(rng.choices(vocab, k=rng.randint(1, 8))) for _ in range(4)]
-            f.write(json.dumps({"question": q, "opa": opts[0], "opb": opts[1], "opc": opts[2], "opd": opts[3]}) + "\n")
+    words = _Words([w for d in docs[:200] for w in d.split()], rng)
+    plant_no = itertools.count()
+
+    def passage() -> str:  # 30 consecutive words of a corpus document
+        doc = docs[next(plant_no) * 7 % len(docs)].split()
+        a = int(rng.integers(0, max(1, len(doc) - 30)))
+        return " ".join(doc[a : a + 30])
+
+    def mean_words(texts: list[str]) -> float:
+        return sum(t.count(" ") + 1 for t in texts) / max(len(texts), 1)
+
+    def write(path: Path, rows: list[dict]) -> None:
+        with open(path, "wb") as f:
+            f.write(b"".join(orjson.dumps(r) + b"\n" for r in rows))
+
+    out = []
+    # MedMCQA
+    split_sizes = [_scaled(n, scale) for _, n, _ in MEDMCQA_SPLITS]
+    n = sum(split_sizes)
+    q_len = np.concatenate([_lognormal_lengths(rng, k, m, 0.55) for k, (_, _, m) in zip(split_sizes, MEDMCQA_SPLITS)])
+    questions = words.texts(q_len)
+    for i in range(min(50, n)):
+        questions[i * (n // min(50, n))] = passage()
+    options = words.texts(_short_lengths(rng, 4 * n, MEDMCQA_OPTION_WORDS))
+    exps = words.texts(_lognormal_lengths(rng, n, MEDMCQA_EXP_WORDS, 0.8))
+    cops = rng.integers(1, 5, n).tolist()
+    rows = [{"id": f"mcq-{i:06d}", "question": questions[i], "opa": options[4 * i], "opb": options[4 * i + 1],
+             "opc": options[4 * i + 2], "opd": options[4 * i + 3], "cop": cops[i], "exp": exps[i]} for i in range(n)]
+    write(path := root / "medmcqa.jsonl", rows)
+    out.append((path, {"name": "MedMCQA", "items": n, "question": mean_words(questions), "option": mean_words(options),
+                       "exp (not indexed)": mean_words(exps)}))
+    # MedQA
+    n = sum(_scaled(k, scale) for _, k in MEDQA_SPLITS)
+    questions = words.texts(_lognormal_lengths(rng, n, MEDQA_QUESTION_WORDS, 0.35))
+    for i in range(min(10, n)):
+        q = questions[i * (n // min(10, n))].split()
+        questions[i * (n // min(10, n))] = " ".join([*q[: len(q) // 2], passage(), *q[len(q) // 2 :]])
+    options = words.texts(_short_lengths(rng, 4 * n, MEDQA_OPTION_WORDS))
+    answers = rng.integers(0, 4, n).tolist()
+    rows = []
+    for i in range(n):
+        opts = dict(zip("ABCD", options[4 * i : 4 * i + 4]))
+        letter = "ABCD"[answers[i]]
+        rows.append({"question": questions[i], "answer": opts[letter], "options": opts,
+                     "meta_info": "step1" if i % 2 else "step2&3", "answer_idx": letter})
+    write(path := root / "medqa.jsonl", rows)
+    out.append((path, {"name": "MedQA", "items": n, "question": mean_words(questions), "option": mean_words(options)}))
+    # PubMedQA
+    n = _scaled(PUBMEDQA_ITEMS, scale)
+    questions = words.texts(_lognormal_lengths(rng, n, PUBMEDQA_QUESTION_WORDS, 0.35))
+    ctx_len = _lognormal_lengths(rng, n, PUBMEDQA_CONTEXT_WORDS, 0.3)
+    sections = rng.integers(2, 6, n)
+    sec_len = []
+    for total, k in zip(ctx_len.tolist(), sections.tolist()):  # each section >= 1 word, the rest shared at random
+        share = rng.dirichlet(np.full(k, 3.0))
+        sec = 1 + np.floor(share * max(total - k, 0)).astype(np.int64)
+        sec[-1] += max(total, k) - sec.sum()
+        sec_len.append(sec)
+    sec_texts = words.texts(np.concatenate(sec_len))
+    long_answers = words.texts(_lognormal_lengths(rng, n, PUBMEDQA_LONG_ANSWER_WORDS, 0.4))
+    rows, at, contexts = [], 0, []
+    for i in range(n):
+        k = int(sections[i])
+        ctx = sec_texts[at : at + k]
+        at += k
+        if i < min(10, n):
+            ctx[-1] = f"{ctx[-1]} {passage()}"
+        contexts.append(" ".join(ctx))
+        labels = [PUBMEDQA_LABELS[j % len(PUBMEDQA_LABELS)] for j in range(k)]
+        rows.append({"pubid": 10_000_000 + i, "question": questions[i],
+                     "context": {"contexts": ctx, "labels": labels}, "long_answer": long_answers[i],
+                     "final_decision": ("yes", "no", "maybe")[i % 3]})
+    write(path := root / "pubmedqa.jsonl", rows)
+    out.append((path, {"name": "PubMedQA", "items": n, "question": mean_words(questions),
+                       "context": mean_words(contexts), "sections": float(sections.mean()),
+                       "long_answer (not indexed)": mean_words(long_answers)}))
+    # MMLU clinical subsets
+    rows, all_q, all_o = [], [], []
+    for subject, (test, val, dev, q_words, o_words) in MMLU_SUBJECTS.items():
+        k = sum(_scaled(c, scale) for c in (test, val, dev))
+        questions = words.texts(_lognormal_lengths(rng, k, q_words, 0.5))
+        options = words.texts(_short_lengths(rng, 4 * k, o_words))
+        answers = rng.integers(0, 4, k).tolist()
+        rows += [{"question": questions[i], "subject": subject, "choices": options[4 * i : 4 * i + 4],
+                  "answer": answers[i]} for i in range(k)]
+        all_q += questions
+        all_o += options
+    for i in range(min(5, len(rows))):
+        j = i * (len(rows) // min(5, len(rows)))
+        rows[j]["question"] = all_q[j] = passage()
+    write(path := root / "mmlu_clinical.jsonl", rows)
+    out.append((path, {"name": "MMLU", "items": len(rows), "question": mean_words(all_q), "option": mean_words(all_o)}))
+    return out
+
+
+def eval_sets_line(sets: list[tuple[Path, dict]], scale: float) -> str:
+    """One line describing the evaluation side: per file its items, realised mean words and MB."""
+    parts = []
+    for path, st in sets:
+        lengths = ", ".join(f"{k} {v:.1f}" for k, v in st.items() if k not in ("name", "items"))
+        parts.append(f"{st['name']} {st['items']:,} ({lengths} words; {path.stat().st_size / 1e6:.1f} MB)")
+    total = sum(st["items"] for _, st in sets)
+    mb = sum(p.stat().st_size for p, _ in sets) / 1e6
+    return (f"evaluation side of decontaminate (--eval-scale {scale:g} of the published sizes): " + " + ".join(parts)
+            + f" = {total:,} questions, {mb:.0f} MB, 13-grams")
+
+
+DECON_BUILT, DECON_CACHED = "clinmega decontaminate (index built)", "clinmega decontaminate (index cached)"
 
 
 def tool_commands(corpus: Path, root: Path, tag: str, workers: int, megatron_lm: Path | None,
-                  evals: Path) -> dict[str, tuple[list[str], dict[str, str]]]:
-    """The fresh-process commands of the table, each writing under ``root`` with ``tag`` in its names."""
+                  evals: list[Path], index_cache: Path | None = None) -> dict[str, tuple[list[str], dict[str, str]]]:
+    """The fresh-process commands of the table, each writing under ``root`` with ``tag`` in its names.
+
+    The two decontaminate rows run the same command with ``--index-cache index_cache``: the first builds the
+    evaluation index and stores it there, the second reuses it. Without ``index_cache`` (the start-up runs on
+    a one-question evaluation file) both run without a cache."""
     me = str(Path(__file__).resolve().parents[1])
     env = dict(os.environ, PYTHONPATH=me, OMP_NUM_THREADS="1")
     cli = [sys.executable, "-m", "clinmega.cli"]
@@ -402,10 +584,12 @@ def tool_commands(corpus: Path, root: Path, tag: str, workers: int, megatron_lm:
     rows["clinmega prepare pretrain"] = (
         [*cli, "prepare", "pretrain", "--inputs", str(corpus), "--output-prefix", str(root / f"clin-{tag}"),
          "--workers", str(workers), "--overwrite", "--no-progress"], env)
-    rows["clinmega decontaminate"] = (
-        [*cli, "decontaminate", "--inputs", str(corpus), "--eval-sets", str(evals), "--output-dir",
-         str(root / f"decon-{tag}"), "--mode", "report", "--workers", str(workers), "--overwrite",
-         "--no-progress"], env)
+    cache = ["--index-cache", str(index_cache)] if index_cache is not None else []
+    for name, out in ((DECON_BUILT, f"decon-{tag}"), (DECON_CACHED, f"decon-cached-{tag}")):
+        rows[name] = (
+            [*cli, "decontaminate", "--inputs", str(corpus), "--eval-sets", *map(str, evals), "--output-dir",
+             str(root / out), "--mode", "report", "--workers", str(workers), "--overwrite", "--no-progress",
+             *cache], env)
     return rows
 
 
@@ -483,12 +667,14 @@ def ids_check(root: Path, tag: str, corpus: Path, fast: bool, slow: bool) -> lis
     return lines
 
 
-def side_by_side(corpus: Path, root: Path, workers: int, megatron_lm: Path | None, eval_questions: int,
+def side_by_side(corpus: Path, root: Path, workers: int, megatron_lm: Path | None, eval_scale: float,
                  skip: list[str]) -> None:
     """One table of fresh-process runs on the same corpus and cores: wall, start-up (the same command on a
-    one-document corpus and a one-question evaluation set), work rate without start-up (by wall and by CPU
-    seconds of the process tree, the latter barely moved by other load), peak memory of the process tree;
-    ratios to preprocess_data_fast.py and to prepare; the ids check."""
+    one-document corpus and a one-question evaluation set, no index cache), work rate without start-up (by
+    wall and by CPU seconds of the process tree, the latter barely moved by other load), peak memory of the
+    process tree; ratios to preprocess_data_fast.py and to prepare; the ids check. Decontaminate runs against
+    the evaluation sets of :func:`make_eval_sets` at ``eval_scale``, twice: building its evaluation index
+    into a fresh cache directory, then reusing it."""
     import platform
 
     size_mb = corpus.stat().st_size / 1e6
@@ -499,14 +685,16 @@ def side_by_side(corpus: Path, root: Path, workers: int, megatron_lm: Path | Non
     tiny = root / "tiny.jsonl"
     with open(corpus, encoding="utf-8") as f:
         tiny.write_text(f.readline(), encoding="utf-8")
-    evals, tiny_evals = root / "eval_medmcqa_like.jsonl", root / "eval_one.jsonl"
-    make_eval_set(evals, corpus, eval_questions)
-    with open(evals, encoding="utf-8") as f:
+    (root / "evals").mkdir()
+    t0 = time.perf_counter()
+    sets = make_eval_sets(root / "evals", corpus, eval_scale)
+    made = time.perf_counter() - t0
+    evals, tiny_evals = [p for p, _ in sets], root / "eval_one.jsonl"
+    with open(evals[0], encoding="utf-8") as f:
         tiny_evals.write_text(f.readline(), encoding="utf-8")
-    print(f"evaluation side of decontaminate: {eval_questions:,} MedMCQA-sized questions "
-          f"({evals.stat().st_size / 1e6:.0f} MB, 13-grams)")
-    starts = tool_commands(tiny, root, "tiny", workers, megatron_lm, tiny_evals)
-    runs = tool_commands(corpus, root, "full", workers, megatron_lm, evals)
+    print(f"{eval_sets_line(sets, eval_scale)} (generated in {made:.1f}s)")
+    starts = tool_commands(tiny, root, "tiny", workers, megatron_lm, [tiny_evals])
+    runs = tool_commands(corpus, root, "full", workers, megatron_lm, evals, index_cache=root / "index-cache")
     slow = "Megatron-LM preprocess_data.py"
     order = [k for k in runs if k != slow] + [k for k in runs if k == slow]  # the slowest last
     results: dict[str, dict[str, float]] = {}
@@ -527,6 +715,9 @@ def side_by_side(corpus: Path, root: Path, workers: int, megatron_lm: Path | Non
 
     for name in order:
         if any(k in name for k in skip):
+            continue
+        if name == DECON_CACHED and DECON_BUILT not in results:  # it would build the index itself
+            print(f"{name:52s} left out: it reuses the index the row {DECON_BUILT!r} builds, which was skipped")
             continue
         if name == slow:  # the ceiling before the slowest row, so a cut-short run still has it
             ceiling_row(corpus, workers, size_mb)
@@ -560,18 +751,22 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--keep", type=Path, default=None, help="directory to keep the corpus/output in")
     ap.add_argument("--megatron-lm", type=Path, default=None, help="a Megatron-LM source tree (" + MEGATRON_HOWTO + ")")
-    ap.add_argument("--eval-questions", type=int, default=250_000, help="decontaminate: evaluation-set size")
+    ap.add_argument("--eval-scale", type=float, default=1.0,
+                    help="side-by-side decontaminate: evaluation sets at this fraction of the published sizes "
+                         "(MedMCQA, MedQA, PubMedQA, MMLU clinical subsets; 1.0 = the real sizes, 0.1 for quick runs)")
     ap.add_argument("--side-by-side-only", action="store_true", help="only the fresh-process comparison table")
     ap.add_argument("--skip", action="append", default=[],
                     help="side-by-side: leave out the rows whose name contains this (repeatable)")
     args = ap.parse_args()
+    if not args.eval_scale > 0:
+        ap.error(f"--eval-scale must be > 0, got {args.eval_scale}")
     if args.side_by_side_only:
         root = Path(tempfile.mkdtemp(prefix="bench_prepare_", dir=args.keep))
         try:
             corpus = args.corpus or root / f"corpus-{args.generator}.jsonl"
             if args.corpus is None:
                 (make_long_tail_corpus if args.generator == "long-tail" else make_corpus)(corpus, args.mb)
-            side_by_side(corpus, root, args.workers, args.megatron_lm, args.eval_questions, args.skip)
+            side_by_side(corpus, root, args.workers, args.megatron_lm, args.eval_scale, args.skip)
         finally:
             shutil.rmtree(root, ignore_errors=True)
         return 0
