@@ -249,3 +249,14 @@ def test_prefilter_bitmap_holds_exactly_the_keys_top_bits():
         for t in top:
             want[t >> 3] |= 1 << (t & 7)
         assert (index._bitmap == want).all()
+
+
+def test_unreadable_evaluation_lines_are_refused_naming_the_file(tmp_path):
+    """A malformed line or a non-object line in an evaluation file stops the run with the file and count
+    (such a file would otherwise be checked only in part)."""
+    from clinmega.data import decontam
+
+    path = tmp_path / "medqa.jsonl"
+    path.write_text('{"question": "a b c d"}\n{"question": broken\n[1, 2]\n{"question": "e f g h"}\n')
+    with pytest.raises(ValueError, match=r"medqa\.jsonl: 2 evaluation line\(s\) are not JSON objects"):
+        decontam.build_eval_index([path], ["question"], 3)
