@@ -25,8 +25,20 @@ def _sentence(rng, k):
     return " ".join(rng.choice(WORDS) + rng.choice(["", "", ",", ".", "!", " -", "\n"]) for _ in range(k))
 
 
+@pytest.fixture(params=["compiled", "numpy"])
+def ngram_pass(request, monkeypatch):
+    """Run a test through the compiled n-gram pass and through the numpy one."""
+    from clinmega.data import decontam
+
+    if request.param == "compiled":
+        assert decontam._kernel is not None, "the C extension clinmega.data._ngrams was not built (pip install -e .)"
+    else:
+        monkeypatch.setattr(decontam, "_kernel", None)
+    return request.param
+
+
 @pytest.mark.parametrize("min_matches", [1, 3])
-def test_flags_exactly_the_reference_documents(tmp_path, min_matches):
+def test_flags_exactly_the_reference_documents(tmp_path, min_matches, ngram_pass):
     rng = random.Random(min_matches)
     n = 5
     evals = [{"question": _sentence(rng, rng.randint(3, 30)), "options": [_sentence(rng, 6), "B"]} for _ in range(60)]
@@ -59,7 +71,7 @@ def test_flags_exactly_the_reference_documents(tmp_path, min_matches):
         assert got == expected
 
 
-def test_batch_hashes_equal_per_text_hashes_and_never_span_texts():
+def test_batch_hashes_equal_per_text_hashes_and_never_span_texts(ngram_pass):
     rng = random.Random(0)
     texts = [_sentence(rng, rng.randint(0, 40)) for _ in range(200)]
     h, owner = batch_ngram_hashes(texts, 4)
@@ -106,7 +118,7 @@ def _ref_hashes(text, n):
 
 
 @pytest.mark.parametrize("seed,case", [(0, False), (1, False), (2, True)])
-def test_batch_normalisation_equals_per_text_nfkc_and_lower(seed, case):
+def test_batch_normalisation_equals_per_text_nfkc_and_lower(seed, case, ngram_pass):
     rng = random.Random(seed)
     pool = TRICKY + [w for w in WORDS if "Σ" not in w] + (CASE if case else [])
     texts = []
@@ -212,7 +224,7 @@ def test_one_lookup_fold_of_simple_characters_equals_the_reference():
         assert h[owner == i].tolist() == _ref_hashes(t, 2), t
 
 
-def test_item_fields_never_share_an_ngram_and_a_literal_cut_character_is_text(tmp_path):
+def test_item_fields_never_share_an_ngram_and_a_literal_cut_character_is_text(tmp_path, ngram_pass):
     """An item's strings are hashed as one text cut at NUL: no n-gram spans two fields, every n-gram of
     each field is there, and a NUL written in a field (JSON \\u0000) separates words like a space."""
     from clinmega.data import decontam
@@ -260,3 +272,28 @@ def test_unreadable_evaluation_lines_are_refused_naming_the_file(tmp_path):
     path.write_text('{"question": "a b c d"}\n{"question": broken\n[1, 2]\n{"question": "e f g h"}\n')
     with pytest.raises(ValueError, match=r"medqa\.jsonl: 2 evaluation line\(s\) are not JSON objects"):
         decontam.build_eval_index([path], ["question"], 3)
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 13])
+def test_compiled_ngram_pass_equals_the_numpy_one(n):
+    """Hashes and owners of the C pass equal numpy's on ASCII (one byte a character) and non-ASCII
+    batches, with and without NUL segment cuts, empty texts, texts without words and one-word texts."""
+    from clinmega.data import decontam
+
+    assert decontam._kernel is not None, "the C extension clinmega.data._ngrams was not built (pip install -e .)"
+    rng = random.Random(n)
+    ascii_words = [w for w in WORDS if w.isascii()]
+    for trial in range(30):
+        pool = ascii_words if trial % 2 else WORDS + TRICKY
+        texts = []
+        for _ in range(rng.randint(1, 40)):
+            k = rng.choice([0, 0, 1, 3, 12, 40])
+            texts.append("".join(rng.choice(pool) + rng.choice([" ", ", ", "\x00", "\n", "--", "  "])
+                                 for _ in range(k)))
+        for segments in (False, True):
+            cps, starts, is_word = decontam._normalised_codepoints(texts)
+            if is_word is None:
+                is_word = decontam._word_mask(cps)
+            want_h, want_o = decontam._numpy_ngrams(cps, is_word, starts, n, segments)
+            got_h, got_o = decontam.batch_ngram_hashes(texts, n, segments=segments)
+            assert got_h.tolist() == want_h.tolist() and got_o.tolist() == want_o.tolist()

@@ -68,6 +68,11 @@ from clinmega.data.readers import (
     shard_suffix,
 )
 
+try:  # the compiled n-gram pass (an optional extension: without a C compiler, numpy does it)
+    from clinmega.data import _ngrams as _kernel
+except ImportError:  # pragma: no cover - depends on the build
+    _kernel = None
+
 _WORD = re.compile(r"\w+")
 _PRIME = np.uint64(0x100000001B3)  # FNV-64 prime: odd, so the polynomial hash is well spread mod 2**64
 
@@ -232,6 +237,7 @@ _FOLD_WORD = np.zeros(0x110000, dtype=bool)  # whether that folded code point is
 _KNOWN_FOLD = np.zeros(0x110000, dtype=bool)
 _FOLD_OK[:128] = _KNOWN_FOLD[:128] = True
 _FOLD_WORD[:128] = _IS_WORD[_FOLD[:128]]
+_IDENTITY = np.arange(0x110000, dtype=np.uint32)  # the compiled pass's fold table for normalised text
 _ASCII_FOLD = _FOLD[:128].astype(np.uint8)  # the same tables for ASCII text read as bytes
 _ASCII_FOLD_WORD = _FOLD_WORD[:128].copy()
 
@@ -250,13 +256,12 @@ def _learn_fold(new: np.ndarray) -> None:
     _KNOWN_FOLD[new] = True
 
 
-def _folded_codepoints(joined: str) -> tuple[np.ndarray, np.ndarray | None]:
-    """(code points of ``joined``, NFKC'd and lower-cased, and their \\w mask) in one table look-up each
-    when every character of it folds alone (see ``_FOLD``): the common case; else (its raw code points,
-    None)."""
-    if joined.isascii():  # the common case, one byte per character (CPython knows it without a scan)
-        raw8 = np.frombuffer(joined.encode("ascii"), dtype=np.uint8)
-        return np.take(_ASCII_FOLD, raw8), np.take(_ASCII_FOLD_WORD, raw8)
+def _fold_tables(joined: str) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """(code points of ``joined``, one byte each when it is ASCII, and the tables mapping each to its NFKC
+    lower case and to whether that is a \\w character) when every character of it folds alone (see
+    ``_FOLD``): the common case; else (its code points, None, None)."""
+    if joined.isascii():  # the common case (CPython knows it without a scan)
+        return np.frombuffer(joined.encode("ascii"), dtype=np.uint8), _FOLD, _FOLD_WORD
     raw = np.frombuffer(joined.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
     high = raw[raw >= 128]
     if high.size:
@@ -264,18 +269,34 @@ def _folded_codepoints(joined: str) -> tuple[np.ndarray, np.ndarray | None]:
         if new.size:
             _learn_fold(np.asarray(sorted(set(new.tolist())), dtype=np.uint32))
         if not _FOLD_OK[high].all():
-            return raw, None
-    return np.take(_FOLD, raw), np.take(_FOLD_WORD, raw)  # np.take: twice as fast as indexing here
+            return raw, None, None
+    return raw, _FOLD, _FOLD_WORD
+
+
+def _folded_codepoints(joined: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """(code points of ``joined``, NFKC'd and lower-cased, and their \\w mask) in one table look-up each
+    when every character of it folds alone (``_fold_tables``); else (its raw code points, None)."""
+    raw, fold, word = _fold_tables(joined)
+    if fold is None:
+        return raw, None
+    if raw.dtype == np.uint8:
+        return np.take(_ASCII_FOLD, raw), np.take(_ASCII_FOLD_WORD, raw)
+    return np.take(fold, raw), np.take(word, raw)  # np.take: twice as fast as indexing here
+
+
+def _joined(texts: list[str]) -> tuple[str, np.ndarray]:
+    """``texts`` joined by a newline, and where each starts in the result."""
+    raw_starts = np.zeros(len(texts), dtype=np.int64)
+    if len(texts) > 1:
+        np.cumsum(np.fromiter((len(t) + 1 for t in texts[:-1]), np.int64, len(texts) - 1), out=raw_starts[1:])
+    return "\n".join(texts), raw_starts
 
 
 def _normalised_codepoints(texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Code points of the NFKC, lower-cased ``texts`` joined by a newline (a non-word character: words and
     case rules never cross it), where each text starts in them, and their \\w mask when it came with them
     (else None)."""
-    joined = "\n".join(texts)
-    raw_starts = np.zeros(len(texts), dtype=np.int64)
-    if len(texts) > 1:
-        np.cumsum(np.fromiter((len(t) + 1 for t in texts[:-1]), np.int64, len(texts) - 1), out=raw_starts[1:])
+    joined, raw_starts = _joined(texts)
     raw, is_word = _folded_codepoints(joined)
     if is_word is not None:
         return raw, raw_starts, is_word
@@ -317,11 +338,33 @@ def batch_ngram_hashes(texts: list[str], n: int, segments: bool = False) -> tupl
     empty = np.zeros(0, dtype=np.uint64), np.zeros(0, dtype=np.int64)
     if not texts:
         return empty
+    if _kernel is not None and n <= 64:
+        joined, text_starts = _joined(texts)
+        cps, fold, word = _fold_tables(joined)
+        if fold is None:  # normalised in numpy and strings first, then mapped to themselves in the pass
+            cps, text_starts, _ = _normalised_codepoints(texts)
+            cps = np.ascontiguousarray(cps, dtype=np.uint32)
+            _word_mask(cps)  # learns the \w-ness of its code points
+            fold, word = _IDENTITY, _IS_WORD
+        if not cps.size:
+            return empty
+        cap = (len(cps) + 1) // 2  # a word and the character after it, at least
+        hashes, owner = np.empty(cap, dtype=np.uint64), np.empty(cap, dtype=np.int64)
+        count = _kernel.ngrams(cps, cps.itemsize, fold, word, text_starts, n, segments, hashes, owner)
+        return hashes[:count], owner[:count]
     cps, text_starts, is_word = _normalised_codepoints(texts)
     if not cps.size:
         return empty
     if is_word is None:
         is_word = _word_mask(cps)
+    return _numpy_ngrams(cps, is_word, text_starts, n, segments)
+
+
+def _numpy_ngrams(cps: np.ndarray, is_word: np.ndarray, text_starts: np.ndarray, n: int,
+                  segments: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The n-gram hashes of ``batch_ngram_hashes`` from the normalised code points, in numpy (the compiled
+    ``clinmega.data._ngrams`` does the same in one pass; this runs where it could not be built)."""
+    empty = np.zeros(0, dtype=np.uint64), np.zeros(0, dtype=np.int64)
     starts, ends = _word_bounds(is_word)
     w = len(starts)
     if w < n:
