@@ -46,19 +46,23 @@ static PyObject *ngrams(PyObject *self, PyObject *args) {
         const int64_t *text_start = (const int64_t *)starts.buf;
         uint64_t *hash = (uint64_t *)out_hash.buf;
         int64_t *owner = (int64_t *)out_owner.buf;
-        uint64_t ring[64], pn = 1, rolling = 0, h = 0;
+        uint64_t ring[64] = {0}, pn = 1, rolling = 0, h = 0;
         for (Py_ssize_t j = 0; j < n; j++) pn *= PRIME;
         Py_ssize_t next_text = 0, text = -1, in_window = 0, count = 0, slot = 0;
-        int in_word = 0;
+        Py_ssize_t next_start = texts ? text_start[0] : size + 1;
+        uint64_t in_word = 0;
         for (Py_ssize_t i = 0; i <= size; i++) {
-            uint32_t raw = i == size ? 0 : itemsize == 4 ? c32[i] : c8[i];
-            if (raw >= table) {
-                PyErr_Format(PyExc_ValueError, "ngrams: code point %u beyond the tables", raw);
-                goto done;
+            uint64_t w = 0, c = 0;
+            if (i < size) {
+                uint32_t raw = itemsize == 4 ? c32[i] : c8[i];
+                if (raw >= table) {
+                    PyErr_Format(PyExc_ValueError, "ngrams: code point %u beyond the tables", raw);
+                    goto done;
+                }
+                w = word_of[raw] != 0;
+                c = fold_of[raw];
             }
-            int w = i < size && word_of[raw];
-            uint32_t c = fold_of[raw];
-            if (in_word && !w) { /* a word ended at i */
+            if (in_word & !w) { /* a word ended at i: the one branch that follows the text */
                 uint64_t wh = fmix64(h);
                 uint64_t old = ring[slot];
                 ring[slot] = wh;
@@ -74,18 +78,17 @@ static PyObject *ngrams(PyObject *self, PyObject *args) {
                     hash[count] = rolling;
                     owner[count++] = text;
                 }
-                in_word = 0;
             }
             if (i == size) break;
-            while (next_text < texts && text_start[next_text] <= i) { /* a text begins: a new window */
-                text = next_text++;
+            if (i >= next_start) { /* a text begins (texts are cut at a non-word character): a new window */
+                while (next_text < texts && text_start[next_text] <= i) text = next_text++;
+                next_start = next_text < texts ? text_start[next_text] : size + 1;
                 in_window = 0;
                 rolling = 0;
             }
-            if (w) {
-                h = in_word ? h * PRIME + c : c;
-                in_word = 1;
-            } else if (segments && c == 0) {
+            h = (h * PRIME * in_word + c) * w; /* c starts a word, extends one, or (w = 0) nothing */
+            in_word = w;
+            if (segments && c == 0 && !w) { /* a NUL cuts the window */
                 in_window = 0;
                 rolling = 0;
             }
