@@ -63,7 +63,7 @@ def test_gigatoken_conversion_is_kept_and_a_damaged_copy_is_rebuilt(tmp_path, mo
 
     monkeypatch.setenv("CLINMEGA_CACHE_DIR", str(tmp_path))
     model = tokenizers.mistral_common_model_path("mistral-v1")
-    cached = tokenizers._converted_cache_path(model.read_bytes())
+    cached = tokenizers._converted_cache_path(hashlib.sha256(model.read_bytes()).hexdigest())
     assert not cached.exists()
     text = "The patient, 45yo M, Rx: furosemide 40 mg IV b.i.d. — naïve µg"
     want = tokenizers.load_tokenizer("mistral-v1", backend="sentencepiece").encode(text)

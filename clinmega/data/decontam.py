@@ -300,14 +300,19 @@ def _normalised_codepoints(texts: list[str]) -> tuple[np.ndarray, np.ndarray, np
     raw, is_word = _folded_codepoints(joined)
     if is_word is not None:
         return raw, raw_starts, is_word
+    return _normalised_by_runs(texts, joined, raw, raw_starts)
+
+
+def _normalised_by_runs(texts: list[str], joined: str, raw: np.ndarray,
+                        raw_starts: np.ndarray) -> tuple[np.ndarray, np.ndarray, None]:
+    """``_normalised_codepoints`` of a batch ``joined`` (code points ``raw``, texts starting at
+    ``raw_starts``) in which some character does not fold alone: NFKC of the runs that need it as strings,
+    then lower case by table or, where that depends on context, per text as ``str.lower`` does."""
     cps, run_ends, deltas = _nfkc_codepoints(joined, raw)
     lowered = _lower_codepoints(cps)
     if lowered is None:  # rare: lower each text as str.lower does, from its own NFKC
-        done = [unicodedata.normalize("NFKC", t).lower() for t in texts]
-        starts = np.zeros(len(texts), dtype=np.int64)
-        if len(texts) > 1:
-            np.cumsum(np.fromiter((len(t) + 1 for t in done[:-1]), np.int64, len(texts) - 1), out=starts[1:])
-        return np.frombuffer("\n".join(done).encode("utf-32-le", "surrogatepass"), dtype=np.uint32), starts, None
+        done, starts = _joined([unicodedata.normalize("NFKC", t).lower() for t in texts])
+        return np.frombuffer(done.encode("utf-32-le", "surrogatepass"), dtype=np.uint32), starts, None
     if run_ends.size:  # a text starts after a separator, never inside a normalised run
         k = np.searchsorted(run_ends, raw_starts, side="right")
         raw_starts = raw_starts + np.where(k > 0, deltas[np.maximum(k - 1, 0)], 0)
@@ -342,7 +347,7 @@ def batch_ngram_hashes(texts: list[str], n: int, segments: bool = False) -> tupl
         joined, text_starts = _joined(texts)
         cps, fold, word = _fold_tables(joined)
         if fold is None:  # normalised in numpy and strings first, then mapped to themselves in the pass
-            cps, text_starts, _ = _normalised_codepoints(texts)
+            cps, text_starts, _ = _normalised_by_runs(texts, joined, cps, text_starts)
             cps = np.ascontiguousarray(cps, dtype=np.uint32)
             _word_mask(cps)  # learns the \w-ness of its code points
             fold, word = _IDENTITY, _IS_WORD
@@ -481,9 +486,9 @@ class EvalIndex:
             bits = int(min(32, max(16, int(np.ceil(np.log2(64 * len(self.keys)))))))
             self._shift = np.uint64(64 - bits)
             top = self.keys >> self._shift  # sorted, since the keys are
-            top = top[np.concatenate([[True], top[1:] != top[:-1]])]
+            top = top[_run_starts(top)]
             byte = top >> np.uint64(3)
-            first = np.flatnonzero(np.concatenate([[True], byte[1:] != byte[:-1]]))
+            first = np.flatnonzero(_run_starts(byte))
             bit = np.left_shift(np.uint8(1), (top & np.uint64(7)).astype(np.uint8))
             self._bitmap = np.zeros(1 << (bits - 3), dtype=np.uint8)
             # distinct bits of one byte: their sum is their OR (np.bitwise_or.at is ~10x slower)
@@ -639,10 +644,15 @@ def _stable_key_order(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 _MAX_LOCAL_FIXES = 4096  # out-of-order runs of equal high bits mended one by one (above: one argsort)
 
 
+def _run_starts(ordered: np.ndarray) -> np.ndarray:
+    """Where each run of equal values of the sorted ``ordered`` begins (a mask): its first elements."""
+    return np.concatenate([[True], ordered[1:] != ordered[:-1]]) if len(ordered) else np.zeros(0, dtype=bool)
+
+
 def _first_of_each(keys: np.ndarray, *payload: np.ndarray) -> tuple[np.ndarray, ...]:
     """``keys`` sorted and made unique, each with the payload of its first occurrence."""
     order, keys = _stable_key_order(keys)
-    first = np.concatenate([[True], keys[1:] != keys[:-1]]) if len(keys) else np.zeros(0, bool)
+    first = _run_starts(keys)
     at = order[first]
     return (keys[first], *(p[at] for p in payload))
 
@@ -670,7 +680,7 @@ def build_eval_index(paths: list[Path], fields: list[str], n: int, workers: int 
         if stats[p.name]["unreadable_lines"]:
             raise ValueError(f"{p}: {stats[p.name]['unreadable_lines']} evaluation line(s) are not JSON objects")
     merged = np.sort(np.concatenate(all_keys), kind="stable")  # the parts are sorted runs: this merges them
-    keys = merged[np.concatenate([[True], merged[1:] != merged[:-1]])] if len(merged) else merged
+    keys = merged[_run_starts(merged)]
     return EvalIndex(keys, owned, names, stats)
 
 

@@ -88,12 +88,11 @@ def _sha256(paths: Sequence[Path]) -> str:
     return h.hexdigest()
 
 
-def _converted_cache_path(model: bytes) -> Path:
-    """Where the gigatoken conversion of the SentencePiece model ``model`` is kept (``user_cache_dir``)."""
+def _converted_cache_path(sha256: str) -> Path:
+    """Where the gigatoken conversion of the SentencePiece model with this sha256 is kept (``user_cache_dir``)."""
     from importlib.metadata import version
 
-    digest = hashlib.sha256(model).hexdigest()[:32]
-    return user_cache_dir() / "tokenizers" / f"gigatoken-{version('gigatoken')}-{digest}.json"
+    return user_cache_dir() / "tokenizers" / f"gigatoken-{version('gigatoken')}-{sha256[:32]}.json"
 
 
 def mistral_common_model_path(shorthand: str) -> Path:
@@ -125,11 +124,11 @@ class _GigatokenBackend:
     """gigatoken's SentencePiece-BPE port with the control pieces removed from its added-token table
     (so literal ``<s>`` in text stays text, as in ``sentencepiece``)."""
 
-    def __init__(self, model_path: Path) -> None:
+    def __init__(self, data: bytes, sha256: str) -> None:
+        """``data``: the SentencePiece model's bytes; ``sha256``: their digest (names the kept conversion)."""
         import gigatoken
 
-        data = model_path.read_bytes()
-        cached = _converted_cache_path(data)
+        cached = _converted_cache_path(sha256)
         try:  # the conversion is pure Python (~0.5 s a start): its result is kept per model and version
             self.tok = gigatoken.Tokenizer.from_json(cached.read_text(encoding="utf-8"))
             return
@@ -234,11 +233,13 @@ def _load_sentencepiece(name: str, path: Path, backend: str) -> Tokenizer:
 
     sp = spm.SentencePieceProcessor(model_file=str(path))
     reference = _SentencePieceBackend(path)
+    data = path.read_bytes()
+    sha = hashlib.sha256(data).hexdigest()  # the tokenizer's identity, and the name of its kept conversion
     chosen: _Backend = reference
     chosen_name = "sentencepiece"
     if backend in ("auto", "gigatoken"):
         try:
-            fast = _GigatokenBackend(path)
+            fast = _GigatokenBackend(data, sha)
         except ImportError:
             if backend == "gigatoken":
                 raise
@@ -273,6 +274,7 @@ def _load_sentencepiece(name: str, path: Path, backend: str) -> Tokenizer:
         backend=chosen,
         special_ids={sp.id_to_piece(i): i for i in range(sp.get_piece_size()) if sp.IsControl(i)},
         template=template,
+        _sha=sha,
     )
 
 
